@@ -1,0 +1,107 @@
+"""Atomic file writes and safe loads. Every stage output goes through here."""
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mucs.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        if e.errno == 28:  # ENOSPC
+            raise UserError(f"disk full while writing {path}; free space and rerun (nothing was overwritten)") from e
+        raise
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(p)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"missing file {path}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"corrupted JSON file {path} ({e.__class__.__name__}); delete it and rerun the stage that writes it")
+
+
+def save_tensors(path, tensors: dict, metadata: dict | None = None):
+    """Save a flat dict of tensors as safetensors (no code can run when it is loaded)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_tensors(path, what="file", hint="rerun the stage that writes it"):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"missing {what} {path}; {hint}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"corrupted or truncated {what} {path} ({str(e).splitlines()[0][:80]}); delete it and {hint}")
+
+
+def load_tensor_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def torch_save(path, obj):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path, what="checkpoint", hint="rerun the stage that writes it"):
+    """Load a torch file with weights_only=True: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"missing {what} {path}; {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, bad magic ...
+        raise UserError(f"corrupted, truncated or unsafe {what} {path} ({e.__class__.__name__}); delete it and {hint}")
+
+
+def file_hash(path, n=16):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]

@@ -1,0 +1,126 @@
+"""The attribution interface, its registry, and the runner that scores targets in resumable parts.
+
+A method turns targets into scores[t, j]: how much training item j is responsible for target t
+(higher = more). The runner saves one part file per target, so an attribution killed mid-way resumes
+at the next target, and a Slurm array of shards writes the same parts an unsplit run writes.
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mucs.errors import UserError
+from mucs.io import load_tensor_metadata, load_tensors, save_tensors, write_text
+
+REGISTRY = {}
+ATTRIB = "attrib.safetensors"
+PARTS = "attrib-parts"
+
+
+def register(name):
+    def deco(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+@dataclass
+class Context:
+    """What a method may use: the job's config, the pre model (EMA weights, eval mode, frozen), the training
+    split it was trained on (stable ids in `train.ids`), the dataset meta, the device, and two folders for
+    caches: `shared_dir` (the pre run folder: reused by every method) and `work_dir` (this method's)."""
+    cfg: object
+    D: torch.nn.Module
+    train: object
+    meta: dict
+    device: str
+    shared_dir: Path
+    work_dir: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def seed(self):
+        return int(self.cfg.seed)
+
+
+class Method:
+    """Subclass, decorate with @register("name"), add configs/attrib/<name>.yaml."""
+
+    name = "?"
+    batch_targets = 1  # targets per score() call
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+
+    def prepare(self):
+        """Work shared by all targets (e.g. cached training-set quantities). Called once per process."""
+
+    def score(self, x, labels, index):
+        """x: targets [T, C, H, W] in [-1, 1]; labels: their condition vectors [T, d] or None; index: their
+        target numbers [T]. Returns scores [T, n_train] aligned with ctx.train, or (scores, [info dict per target])."""
+        raise NotImplementedError
+
+
+def get_method(name):
+    import mucs.attrib  # noqa: F401  (imports every method module)
+
+    if name not in REGISTRY:
+        raise UserError(f"unknown attribution method {name!r}; choose from {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def part_path(work_dir, t):
+    return Path(work_dir) / PARTS / f"t{t:05d}.safetensors"
+
+
+def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
+    """Score every target of this shard (t = shard[0], shard[0] + shard[1], ...) that has no part file yet."""
+    todo = [t for t in range(shard[0], len(x), shard[1]) if not part_path(work_dir, t).exists()]
+    if not todo:
+        return
+    method.prepare()
+    bs = max(1, method.batch_targets)
+    bar = tqdm(total=len(todo), desc=f"a[{method.name}]", unit="target", dynamic_ncols=True)
+    for i in range(0, len(todo), bs):
+        idx = torch.tensor(todo[i: i + bs])
+        t0 = time.time()
+        out = method.score(x[idx], None if labels is None else labels[idx], idx)
+        scores, infos = out if isinstance(out, tuple) else (out, [{} for _ in idx])
+        if not torch.isfinite(scores).all():
+            raise UserError(f"method {method.name} produced non-finite scores for targets {idx.tolist()}; "
+                            f"check its settings (e.g. learning rate) and rerun")
+        dt = (time.time() - t0) / len(idx)
+        for k, t in enumerate(idx.tolist()):
+            info = dict(infos[k], target=t, seconds=round(dt, 3))
+            save_tensors(part_path(work_dir, t), dict(scores=scores[k].float().cpu()), metadata=dict(info=info))
+        bar.update(len(idx))
+        bar.set_postfix(s_per_target=f"{dt:.2f}")
+    bar.close()
+
+
+def merge(work_dir, n_targets, train_ids, num_removal):
+    """Reduce the part files into attrib.safetensors (scores [T, n_train], top_ids [T, k], train_ids) and
+    the per-target log attrib_log.jsonl. Returns the missing targets (empty when done)."""
+    missing = [t for t in range(n_targets) if not part_path(work_dir, t).exists()]
+    if missing:
+        return missing
+    scores = torch.stack([load_tensors(part_path(work_dir, t), what="attribution part")["scores"] for t in range(n_targets)])
+    if scores.shape[1] != len(train_ids):
+        raise UserError(f"attribution parts in {work_dir} have {scores.shape[1]} scores per target but the training "
+                        f"split has {len(train_ids)} items; they belong to another run: rerun with --force")
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :num_removal]
+    save_tensors(Path(work_dir) / ATTRIB, dict(scores=scores, top_ids=train_ids[order], train_ids=train_ids))
+    logs = [load_tensor_metadata(part_path(work_dir, t))["info"] for t in range(n_targets)]
+    write_text(Path(work_dir) / "attrib_log.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in logs))
+    return []
+
+
+def load_attrib(work_dir):
+    t = load_tensors(Path(work_dir) / ATTRIB, what="attribution ids file", hint="rerun --what=a")
+    if not {"scores", "top_ids", "train_ids"} <= set(t):
+        raise UserError(f"{Path(work_dir) / ATTRIB} is not an attribution file of this toolkit; rerun --what=a")
+    return t

@@ -1,0 +1,116 @@
+"""Command lines of pipeline.py and eval.py: flags in the published spelling, the rest Hydra overrides."""
+import argparse
+import sys
+import traceback
+
+from mucs.errors import UserError
+
+
+def guard(main):
+    """Run main(argv); a UserError or bad argument becomes one line on stderr and exit code 2."""
+    def wrapped(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv) or 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
+        except MemoryError:
+            print("error: out of memory; lower the batch sizes (train.batch, sample.batch, attrib.batch)", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message}; see --help")
+
+
+def pipeline_args(argv):
+    p = Parser(prog="pipeline.py", description="Run stages of the counterfactual attribution pipeline. "
+               "Extra key=value arguments are Hydra overrides (e.g. train.steps=500).")
+    p.add_argument("--what", default="tpre,gpre,a,tpost,gpost", help="comma-separated stages: tpre,gpre,a,tpost,gpost")
+    p.add_argument("--job", help="job preset in configs/job (dataset + model + recipe)")
+    p.add_argument("--seed", "--data_seed", dest="seed", type=int, help="training seed of the job")
+    p.add_argument("--attrib", help="attribution method in configs/attrib")
+    p.add_argument("--num_attrib", type=int)
+    p.add_argument("--control_factor", type=float)
+    p.add_argument("--topk_factor", type=float)
+    p.add_argument("--subsample", type=int)
+    p.add_argument("--device")
+    p.add_argument("--use_last_ckpt", action="store_true")
+    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    p.add_argument("--no_exec", action="store_true", help="print the plan of stages with inputs and outputs; run nothing")
+    p.add_argument("--launcher", help="local (default) or slurm")
+    p.add_argument("--sbatch", action="store_true", help="the published spelling of --launcher=slurm")
+    p.add_argument("--shard", help="i/n: attribute only targets i, i+n, ... (used by Slurm arrays); -1/n merges")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith("-")]
+    if bad:
+        raise UserError(f"unknown option {bad[0]}; see --help (config values are key=value without dashes)")
+    over = []
+    for key in ("job", "attrib", "launcher"):
+        if getattr(args, key):
+            over.append(f"{key}={getattr(args, key)}")
+    if args.sbatch:
+        over.append("launcher=slurm")
+    for key in ("seed", "num_attrib", "control_factor", "topk_factor", "subsample", "device"):
+        if getattr(args, key) is not None:
+            over.append(f"{key}={getattr(args, key)}")
+    for key in ("use_last_ckpt", "force"):
+        if getattr(args, key):
+            over.append(f"{key}=true")
+    return args, over + rest
+
+
+def parse_shard(s):
+    if not s:
+        return (0, 1)
+    try:
+        i, n = (int(v) for v in s.split("/"))
+        assert n >= 1 and -1 <= i < n
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard {s!r} must be i/n with 0 <= i < n (or -1/n to merge)")
+    return (i, n)
+
+
+def pipeline_main(argv):
+    from mucs import config as C
+    from mucs import stages as S
+
+    args, overrides = pipeline_args(argv)
+    names = S.parse_what(args.what)
+    cfg = C.compose(overrides)
+    job = S.Job(cfg)
+    if args.no_exec:
+        print_plan(job, names)
+        return 0
+    if cfg.launcher.name != "local":
+        from mucs.launch import submit
+        return submit(cfg, names, overrides)
+    shard = parse_shard(args.shard)
+    print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}; "
+          f"runs in {job.pre.parent}")
+    for n in names:
+        kw = dict(shard=shard) if n == "a" else {}
+        S.run_stage(job, n, will_run=names, **kw)
+    return 0
+
+
+def print_plan(job, names):
+    from mucs import config as C
+    from mucs import stages as S
+
+    cfg = job.cfg
+    print(f"plan for job {cfg.job_name} (seed {cfg.seed}, method {cfg.attrib.name}, device {job.device})")
+    print(f"  model {cfg.model.net} {dict(cfg.model.net_kwargs)} precond {cfg.model.precond.kind}")
+    print(f"  train batch {cfg.train.batch} lr {cfg.train.lr} ema {cfg.train.ema} steps <= {cfg.train.steps}; "
+          f"num_gen {C.num_gen(cfg)} (targets {cfg.num_attrib}); num_removal {C.num_removal(cfg)} per target")
+    for stage, status, ins, outs in S.plan(job, names):
+        print(f"  [{status:4s}] {stage.name:5s} in: {', '.join(ins) or '-'}")
+        print(f"               out: {', '.join(outs)}")
+
+
+run_pipeline = guard(pipeline_main)

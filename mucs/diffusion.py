@@ -1,0 +1,181 @@
+"""The diffusion layer: preconditioners (EDM, VP), the per-sample training loss, sigma ladders and the
+deterministic Heun sampler. Equation numbers refer to Karras et al. 2022, "Elucidating the Design
+Space of Diffusion-Based Generative Models" (EDM), Table 1 and Algorithm 2.
+
+Everything here takes its noise from the caller, so attribution methods can hold the noise fixed.
+"""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------
+# Preconditioners: wrap a raw network F into a denoiser D(x, sigma, y).
+
+
+class EDMPrecond(nn.Module):
+    """D(x) = c_skip x + c_out F(c_in x, c_noise) with the EDM scalings (Table 1, right column)."""
+
+    kind = "edm"
+
+    def __init__(self, net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, P_mean=-1.2, P_std=1.2):
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
+        self.sigma_min, self.sigma_max, self.P_mean, self.P_std = sigma_min, sigma_max, P_mean, P_std
+
+    def forward(self, x, sigma, labels=None, augment_labels=None):
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
+        c_in = 1 / (sd2 + sigma ** 2).sqrt()
+        c_noise = sigma.log().flatten() / 4
+        F = self.net(c_in * x, c_noise, labels, augment_labels)
+        return c_skip * x + c_out * F
+
+    def train_sigma(self, n, generator=None):
+        """sigma ~ logN(P_mean, P_std^2), the EDM training distribution."""
+        return (torch.randn(n, generator=generator) * self.P_std + self.P_mean).exp()
+
+    def loss_weight(self, sigma):
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Eq. 8 with Table 1)."""
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+
+class VPPrecond(nn.Module):
+    """Variance-preserving preconditioning of Song et al. 2021 in EDM form (Table 1, VP column)."""
+
+    kind = "vp"
+
+    def __init__(self, net, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5):
+        super().__init__()
+        self.net, self.beta_d, self.beta_min, self.M, self.epsilon_t = net, beta_d, beta_min, M, epsilon_t
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t)))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0)))
+
+    def sigma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def forward(self, x, sigma, labels=None, augment_labels=None):
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        c_noise = ((self.M - 1) * self.sigma_inv(sigma.double())).to(x.dtype).flatten()
+        return x + c_out * self.net(c_in * x, c_noise, labels, augment_labels)
+
+    def train_sigma(self, n, generator=None):
+        """t ~ U(epsilon_t, 1), sigma = sigma(t)."""
+        t = torch.rand(n, generator=generator, dtype=torch.float64) * (1 - self.epsilon_t) + self.epsilon_t
+        return self.sigma(t).float()
+
+    def loss_weight(self, sigma):
+        return 1 / sigma ** 2
+
+
+PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond}
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-sample loss. Callers supply sigma and unit noise eps to hold them fixed.
+
+
+def per_sample_loss(D, y, sigma, eps, labels=None, augment_labels=None):
+    """lambda(sigma) * ||D(y + sigma eps, sigma) - y||^2 averaged over pixels: one value per sample [B]."""
+    s = sigma.reshape(-1, 1, 1, 1).to(y.dtype)
+    D_yn = D(y + s * eps, sigma, labels, augment_labels)
+    return D.loss_weight(sigma).to(y.dtype) * (D_yn - y).square().flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigma ladders and the sampler.
+
+
+def edm_sigma(u, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Eq. 5 at continuous position u in [0, 1] (0 -> sigma_max, 1 -> sigma_min)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_ladder(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, discretization="edm", precond=None,
+                 epsilon_s=1e-3):
+    """The sampler's noise levels sigma_0 > ... > sigma_{N-1} followed by sigma_N = 0 (float64)."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    if discretization == "edm":
+        s = edm_sigma(i / (num_steps - 1), sigma_min, sigma_max, rho)
+    elif discretization == "vp":  # uniform in t from 1 to epsilon_s (Song et al. 2021)
+        s = precond.sigma(1 + i / (num_steps - 1) * (epsilon_s - 1))
+    else:
+        raise ValueError(f"unknown discretization {discretization!r}")
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+class SeedGenerators:
+    """One torch.Generator per sample, so sample i depends on its own seed only (not on batch layout)."""
+
+    def __init__(self, seeds):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape, device="cpu"):
+        return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(device)
+
+
+def guided(D, guidance):
+    """Classifier-free guidance: D_w = D(x|0) + w (D(x|y) - D(x|0)); the zero label is 'no condition'."""
+    if guidance == 1.0:
+        return D
+
+    def D_w(x, sigma, labels=None, augment_labels=None):
+        if labels is None:
+            return D(x, sigma)
+        both = D(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([torch.zeros_like(labels), labels]))
+        d_uncond, d_cond = both.chunk(2)
+        return d_uncond + guidance * (d_cond - d_uncond)
+
+    return D_w
+
+
+@torch.no_grad()
+def heun_sampler(D, latents, sigmas, labels=None, guidance=1.0, S_churn=0.0, S_min=0.0, S_max=float("inf"),
+                 S_noise=1.0, randn=None, solver="heun"):
+    """Algorithm 2 of EDM. `latents` is unit noise; `sigmas` a ladder ending in 0; `randn(shape)` supplies
+    churn noise (per-sample generators keep results independent of batching). With S_churn = 0 it is
+    deterministic: the same latents give the same image for any model."""
+    D = guided(D, guidance)
+    sigmas = sigmas.to(latents.device)
+    N = len(sigmas) - 1
+    x = latents.double() * sigmas[0]
+    one = torch.ones(len(x), dtype=torch.float64, device=x.device)
+    for i in range(N):
+        s_cur, s_next = sigmas[i], sigmas[i + 1]
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= s_cur <= S_max else 0.0
+        s_hat = s_cur + gamma * s_cur
+        if gamma > 0:
+            x = x + (s_hat ** 2 - s_cur ** 2).sqrt() * S_noise * randn(x.shape[1:]).to(x)
+        d = (x - D(x.float(), (s_hat * one).float(), labels).double()) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if solver == "heun" and i < N - 1:  # second-order correction, skipped at the last step (sigma = 0)
+            d2 = (x_next - D(x_next.float(), (s_next * one).float(), labels).double()) / s_next
+            x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x.float()
+
+
+def build_precond(net, cfg):
+    """A preconditioner from the model config's `precond` block."""
+    kw = dict(cfg)
+    kind = kw.pop("kind")
+    if kind not in PRECONDS:
+        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS)}")
+    return PRECONDS[kind](net, **kw)
+
+
+def describe_ladder(sigmas):
+    s = np.asarray(sigmas, dtype=float)
+    return f"{len(s) - 1} steps, sigma {s[0]:.3g} -> {s[-2]:.3g}"

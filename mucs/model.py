@@ -1,0 +1,60 @@
+"""Build a denoiser D(x, sigma, y) from the model config and the dataset's meta; save and load its weights."""
+import copy
+
+import torch
+import torch.nn.functional as F_
+
+from mucs.diffusion import build_precond
+from mucs.errors import UserError
+from mucs.io import load_tensors, save_tensors
+from mucs.nets import build_net
+
+
+def label_dim(model_cfg, meta):
+    """Width of the condition vector y: one-hot classes, a text embedding, or 0 (unconditional)."""
+    if not model_cfg.conditional or meta["cond"] == "none":
+        return 0
+    return meta["num_classes"] if meta["cond"] == "class" else meta["cond_dim"]
+
+
+def build_denoiser(model_cfg, meta):
+    net = build_net(model_cfg.net, img_resolution=meta["resolution"], in_channels=meta["channels"],
+                    out_channels=meta["channels"], label_dim=label_dim(model_cfg, meta),
+                    augment_dim=model_cfg.augment_dim, **model_cfg.net_kwargs)
+    return build_precond(net, model_cfg.precond)
+
+
+def labels_of(split, model_cfg, meta, caption=None):
+    """Condition vectors [N, label_dim] for a split (None if unconditional). For text conditions `caption`
+    picks one caption per item (an index tensor [N]); by default the first, as at evaluation."""
+    d = label_dim(model_cfg, meta)
+    if d == 0:
+        return None
+    if meta["cond"] == "class":
+        return F_.one_hot(split.labels.clamp_min(0), d).float()
+    k = torch.zeros(len(split), dtype=torch.long) if caption is None else caption
+    return split.conds[torch.arange(len(split)), k]
+
+
+def save_weights(path, module, info=None):
+    save_tensors(path, dict(module.state_dict()), metadata=info)
+
+
+def load_weights(path, module, what="model weights"):
+    state = load_tensors(path, what=what)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the configured model ({str(e).splitlines()[0][:100]}); "
+                        f"it was trained with another model config: use the run's saved config or retrain")
+    return module
+
+
+def load_denoiser(model_cfg, meta, path, device="cpu"):
+    """The denoiser with weights from `path`, in eval mode (no dropout), frozen."""
+    D = load_weights(path, build_denoiser(model_cfg, meta)).to(device).eval()
+    return D.requires_grad_(False)
+
+
+def clone(D):
+    return copy.deepcopy(D)

@@ -1,0 +1,255 @@
+"""The five stages of a job. Each is an idempotent function of the resolved config that reads and writes
+files in the job's run folders; launchers (local, Slurm) only decide where it runs.
+
+  tpre   train the base model on the training split             -> <run>--pre/model-*.safetensors
+  gpre   generate targets + controls from held-out seeds         -> <run>--pre/samples.safetensors
+  a      attribute the targets to training ids                   -> <run>--post_<m>/attrib.safetensors
+  tpost  retrain from scratch without the union of top ids       -> <run>--post_<m>/model-*.safetensors
+  gpost  regenerate every sample with the same seeds             -> <run>--post_<m>/samples.safetensors
+"""
+import subprocess
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mucs import config as C
+from mucs.attrib.base import ATTRIB, Context, attribute, get_method, load_attrib, merge
+from mucs.data import ensure_dataset, load_split, remove_ids, subsample
+from mucs.errors import UserError
+from mucs.generate import SAMPLES, generate_post, generate_pre, load_samples, load_user_targets
+from mucs.io import file_hash, read_json, write_json, write_text
+from mucs.model import labels_of, load_denoiser
+from mucs.train import train
+
+ORDER = ["tpre", "gpre", "a", "tpost", "gpost"]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu or device=auto")
+    return name
+
+
+def code_version():
+    try:
+        out = subprocess.run(["git", "-C", str(C.REPO), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Job:
+    """One dataset/model/seed/method job: its folders, data and models, all derived from the config."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.pre, self.post = C.pre_dir(cfg), C.post_dir(cfg)
+        self.device = resolve_device(cfg.device)
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.precision.tf32)
+
+    @cached_property
+    def meta(self):
+        return ensure_dataset(self.cfg.data.name, self.cfg.data.folder)
+
+    @cached_property
+    def train_split(self):
+        """The training split the pre model sees: the whole split or a fixed subsample."""
+        self.meta  # builds a bundled dataset on first use
+        return subsample(load_split(self.cfg.data.folder, "train"), int(self.cfg.subsample), seed=0)
+
+    @cached_property
+    def test_split(self):
+        self.meta
+        return load_split(self.cfg.data.folder, "test")
+
+    def weights(self, run_dir):
+        name = "model-last.safetensors" if self.cfg.use_last_ckpt else "model-best.safetensors"
+        return Path(run_dir) / name
+
+    def denoiser(self, run_dir):
+        return load_denoiser(self.cfg.model, self.meta, self.weights(run_dir), self.device)
+
+    def removed_ids(self):
+        return load_attrib(self.post)["top_ids"].flatten().unique()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def run_tpre(job):
+    write_text(job.pre / "config.yaml", C.to_yaml(job.cfg))
+    train(job.cfg, job.train_split, job.test_split, job.meta, job.pre, job.device, desc="tpre")
+
+
+def run_gpre(job):
+    generate_pre(job.denoiser(job.pre), job.cfg, job.meta, job.test_split, C.num_gen(job.cfg), job.pre, job.device)
+
+
+def targets_of(job):
+    """The images to attribute: gpre's first num_attrib samples, or the user's own (cfg.targets)."""
+    if job.cfg.targets:
+        x = load_user_targets(job.cfg.targets, job.meta)
+        return x, None
+    s = load_samples(job.pre)
+    n = int(s["num_attrib"])
+    return s["images"][:n], (s["cond"][:n] if "cond" in s else None)
+
+
+def attrib_context(job):
+    return Context(job.cfg, job.denoiser(job.pre), job.train_split, job.meta, job.device, job.pre, job.post)
+
+
+def run_a(job, shard=(0, 1)):
+    write_text(job.post / "config.yaml", C.to_yaml(job.cfg))
+    k = C.num_removal(job.cfg)
+    if k >= len(job.train_split):
+        raise UserError(f"num_removal {k} is not smaller than the training set ({len(job.train_split)} items); "
+                        f"lower --topk_factor or num_removal")
+    x, labels = targets_of(job)
+    method = get_method(job.cfg.attrib.name)(job.cfg.attrib, attrib_context(job))
+    attribute(method, x, labels, job.post, shard)
+    if shard[1] == 1 or shard[0] == -1:
+        reduce_a(job)
+
+
+def reduce_a(job):
+    x, _ = targets_of(job)
+    missing = merge(job.post, len(x), job.train_split.ids, C.num_removal(job.cfg))
+    if missing:
+        raise UserError(f"attribution of targets {missing[:10]} is missing in {job.post}; run their shards first")
+
+
+def run_tpost(job):
+    removed = job.removed_ids()
+    kept = remove_ids(job.train_split, removed)
+    print(f"[tpost] removing {len(removed)} of {len(job.train_split)} training items (union over targets)")
+    train(job.cfg, kept, job.test_split, job.meta, job.post, job.device, desc="tpost")
+
+
+def run_gpost(job):
+    pre = load_samples(job.pre)
+    generate_post(job.denoiser(job.post), job.cfg, pre, job.post, job.device)
+    post = load_samples(job.post, stage="gpost")
+    if not torch.equal(pre["seeds"], post["seeds"]):
+        raise UserError(f"pre and post samples have different seeds in {job.post}; rerun --what=gpost --force")
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable
+    folder: Callable  # job -> run folder of its outputs
+    outputs: tuple  # file names in that folder
+    inputs: Callable  # job -> [(path, stage that writes it)]
+    depends: tuple  # config sections its output depends on
+
+
+STAGES = {s.name: s for s in [
+    Stage("tpre", run_tpre, lambda j: j.pre, ("model-best.safetensors", "model-last.safetensors"),
+          lambda j: [], ("data", "model", "train", "seed", "subsample")),
+    Stage("gpre", run_gpre, lambda j: j.pre, (SAMPLES,),
+          lambda j: [(j.weights(j.pre), "tpre")], ("sample", "num_attrib", "control_factor", "use_last_ckpt")),
+    Stage("a", run_a, lambda j: j.post, (ATTRIB,),
+          lambda j: [(j.weights(j.pre), "tpre")] + ([] if j.cfg.targets else [(j.pre / SAMPLES, "gpre")]),
+          ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt")),
+    Stage("tpost", run_tpost, lambda j: j.post, ("model-best.safetensors", "model-last.safetensors"),
+          lambda j: [(j.post / ATTRIB, "a")], ("data", "model", "train", "seed", "subsample")),
+    Stage("gpost", run_gpost, lambda j: j.post, (SAMPLES,),
+          lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
+]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests: what an output was computed from
+
+
+def manifest_path(job, stage):
+    return stage.folder(job) / f"{stage.name}.manifest.json"
+
+
+def is_done(job, stage):
+    return manifest_path(job, stage).exists() and all((stage.folder(job) / o).exists() for o in stage.outputs)
+
+
+def check_manifest(job, stage):
+    """Refuse to build on an output made from another config or from inputs that changed since."""
+    m = read_json(manifest_path(job, stage))
+    if m.get("config") != C.section_hash(job.cfg, *stage.depends):
+        raise UserError(f"{stage.name} outputs in {stage.folder(job)} were made with another config "
+                        f"({', '.join(stage.depends)}); rerun with --force to redo them")
+    for path, h in m.get("inputs", {}).items():
+        if Path(path).exists() and file_hash(path) != h:
+            raise UserError(f"{path} changed since {stage.name} used it; rerun --what={stage.name} --force to redo "
+                            f"it and the stages after it")
+
+
+def write_manifest(job, stage, seconds):
+    write_json(manifest_path(job, stage), dict(
+        stage=stage.name, config=C.section_hash(job.cfg, *stage.depends),
+        inputs={str(p): file_hash(p) for p, _ in stage.inputs(job)},
+        outputs={o: file_hash(stage.folder(job) / o) for o in stage.outputs},
+        code=code_version(), seconds=round(seconds, 2), finished=time.strftime("%Y-%m-%d %H:%M:%S")))
+
+
+def parse_what(what):
+    names = [w.strip() for w in str(what).split(",") if w.strip()]
+    bad = [w for w in names if w not in STAGES]
+    if bad or not names:
+        raise UserError(f"unknown stage {', '.join(bad) or repr(what)} in --what; stages are {','.join(ORDER)}")
+    return [s for s in ORDER if s in names]
+
+
+def plan(job, names):
+    """[(stage, status, inputs, outputs)] in pipeline order; status is 'done', 'run' or 'redo'."""
+    rows = []
+    for n in names:
+        s = STAGES[n]
+        status = "done" if is_done(job, s) else "run"
+        if status == "done" and job.cfg.force:
+            status = "redo"
+        rows.append((s, status, [str(p) for p, _ in s.inputs(job)], [str(s.folder(job) / o) for o in s.outputs]))
+    return rows
+
+
+def check_inputs(job, stage, will_run):
+    for path, producer in stage.inputs(job):
+        if not Path(path).exists() and producer not in will_run:
+            raise UserError(f"stage {stage.name} needs {path}, which is missing; run --what={producer} first")
+
+
+def run_stage(job, name, will_run=(), **kw):
+    s = STAGES[name]
+    check_inputs(job, s, will_run)
+    if is_done(job, s) and not job.cfg.force:
+        check_manifest(job, s)
+        print(f"[{name}] done already ({manifest_path(job, s)}); skipping (--force redoes it)")
+        return
+    t0 = time.time()
+    s.folder(job).mkdir(parents=True, exist_ok=True)
+    if job.cfg.force:
+        clear_progress(job, s)
+    s.run(job, **kw)
+    if name == "a" and kw.get("shard", (0, 1))[1] > 1 and kw["shard"][0] != -1:
+        return  # a shard: the reduce step writes the manifest
+    write_manifest(job, s, time.time() - t0)
+    print(f"[{name}] done in {time.time() - t0:.1f} s -> {s.folder(job)}")
+
+
+def clear_progress(job, s):
+    """--force: forget resumable progress of this stage so it is recomputed (outputs are replaced atomically)."""
+    import shutil
+    d = s.folder(job)
+    if s.name in ("tpre", "tpost"):
+        (d / "train-state.pt").unlink(missing_ok=True)
+    if s.name == "a":
+        shutil.rmtree(d / "attrib-parts", ignore_errors=True)
+    manifest_path(job, s).unlink(missing_ok=True)

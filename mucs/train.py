@@ -1,0 +1,188 @@
+"""Training: AdamW with warm-up, EMA, validation loss, best/last checkpoints, early stop, resume.
+
+Every random draw of step k comes from a generator seeded with (seed, k), and the data order from
+(seed, epoch): a run resumed from its newest state file sees exactly the noise and order of an
+uninterrupted run, so their weights agree bit for bit on the same machine.
+"""
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mucs.diffusion import per_sample_loss
+from mucs.errors import UserError
+from mucs.io import torch_load, torch_save, write_text
+from mucs.model import build_denoiser, clone, labels_of, save_weights
+
+STATE = "train-state.pt"
+
+
+def step_generator(seed, step, stream=0):
+    """A generator for draw `stream` of step `step`: a fixed mix of the integers, the same on every machine."""
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + stream * 0xC2B2AE3D) % 2 ** 63)
+
+
+class Order:
+    """Batches drawn without replacement from per-epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n, batch, seed):
+        self.n, self.batch, self.seed, self._perm = n, batch, seed, (None, None)
+
+    def perm(self, epoch):
+        if self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.n, generator=step_generator(self.seed, epoch, stream=1)))
+        return self._perm[1]
+
+    def __call__(self, step):
+        start, out = step * self.batch, []
+        while sum(len(o) for o in out) < self.batch:
+            epoch, off = divmod(start, self.n)
+            take = self.perm(epoch)[off: off + self.batch - sum(len(o) for o in out)]
+            out.append(take)
+            start += len(take)
+        return torch.cat(out)
+
+
+def make_augment(model_cfg, train_cfg):
+    if not model_cfg.augment_dim or not train_cfg.augment_p:
+        return None
+    from mucs.augment import AugmentPipe
+    return AugmentPipe(p=train_cfg.augment_p)
+
+
+def train_batch(D, split, meta, model_cfg, train_cfg, idx, g, device, augment=None):
+    """The pieces of one training batch, all random draws from generator g: (y, sigma, eps, labels, aug)."""
+    sub = split.subset(idx)
+    y = sub.float_images()
+    aug = None
+    if augment is not None:
+        y, aug = augment(y, generator=g)
+    caption = None
+    if meta["cond"] == "text" and sub.conds_count is not None:
+        caption = (torch.rand(len(sub), generator=g) * sub.conds_count).long()
+    labels = labels_of(sub, model_cfg, meta, caption)
+    if labels is not None and train_cfg.cond_dropout > 0:  # for classifier-free guidance
+        keep = (torch.rand(len(sub), generator=g) >= train_cfg.cond_dropout).float()
+        labels = labels * keep[:, None]
+    sigma = D.train_sigma(len(sub), generator=g)
+    eps = torch.randn(y.shape, generator=g)
+    to = lambda t: None if t is None else t.to(device)
+    return to(y), to(sigma), to(eps), to(labels), to(aug)
+
+
+@torch.no_grad()
+def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=256):
+    """Mean EDM loss on a fixed subset of held-out items with fixed noise: comparable across evaluations."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    n = min(n_items, len(split))
+    idx = torch.randperm(len(split), generator=g)[:n]
+    total = 0.0
+    for i in range(0, n, batch):
+        sub = split.subset(idx[i: i + batch])
+        y = sub.float_images()
+        sigma, eps = D.train_sigma(len(sub), generator=g), torch.randn(y.shape, generator=g)
+        labels = labels_of(sub, model_cfg, meta)
+        loss = per_sample_loss(D, y.to(device), sigma.to(device), eps.to(device),
+                               None if labels is None else labels.to(device))
+        total += loss.sum().item()
+    return total / n
+
+
+def lr_at(step, cfg):
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def autocast(device, precision):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, None)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train"):
+    """Train a denoiser on `split`; write model-best/-last.safetensors (EMA weights) and train_log.csv
+    into out_dir. Resumes from out_dir/train-state.pt when present."""
+    tc, mc, out_dir = cfg.train, cfg.model, Path(out_dir)
+    if len(split) == 0:
+        raise UserError("the training set is empty; check --subsample and the removal size")
+    torch.manual_seed(cfg.seed)  # initial weights
+    D = build_denoiser(mc, meta).to(device).train()
+    ema = clone(D).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(D.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    step, best, since_best, log = 0, math.inf, 0, []
+    state_path = out_dir / STATE
+    if state_path.exists():
+        st = torch_load(state_path, what="training state", hint="rerun the training stage")
+        D.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, best, since_best, log = st["step"], st["best"], st["since_best"], st["log"]
+        if st.get("stopped"):
+            print(f"[{desc}] already finished ({st['stopped']}) at step {step}")
+            return dict(steps=step, best_val=best, stopped=st["stopped"])
+        print(f"[{desc}] resuming from {state_path} at step {step}")
+    order, augment = Order(len(split), tc.batch, cfg.seed), make_augment(mc, tc)
+    split_dev = split  # uint8 stays on CPU; batches are made on CPU so the noise does not depend on the device
+
+    def save_state(stopped=""):
+        torch_save(state_path, dict(model=D.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                                    best=best, since_best=since_best, log=log, stopped=stopped))
+
+    bar = tqdm(total=tc.steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, mininterval=2)
+    t0, running = time.time(), []
+    stopped = "max steps"
+    while step < tc.steps:
+        g = step_generator(cfg.seed, step)
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))  # dropout draws
+        y, sigma, eps, labels, aug = train_batch(D, split_dev, meta, mc, tc, order(step), g, device, augment)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        with autocast(device, cfg.precision.autocast):
+            loss = per_sample_loss(D, y, sigma, eps, labels, aug).mean()
+        if not torch.isfinite(loss):
+            raise UserError(f"training loss became {loss.item()} at step {step}; lower train.lr or check the data "
+                            f"(the last good state is {state_path})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # EMA of the weights, per optimizer step
+            for p_ema, p in zip(ema.parameters(), D.parameters()):
+                p_ema.lerp_(p, 1 - tc.ema)
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(running) / len(running):.4f}", img_s=f"{step * tc.batch / (time.time() - t0 + 1e-9):.0f}")
+        if step % tc.epoch_steps == 0 or step == tc.steps:
+            val = validation_loss(ema, val_split, meta, mc, cfg.seed, device, tc.val_items)
+            log.append(dict(step=step, train_loss=sum(running) / len(running), val_loss=val, lr=lr_at(step - 1, tc)))
+            running = []
+            if val < best:
+                best, since_best = val, 0
+                save_weights(out_dir / "model-best.safetensors", ema, dict(step=step, val_loss=val))
+            else:
+                since_best += 1
+            save_weights(out_dir / "model-last.safetensors", ema, dict(step=step, val_loss=val))
+            save_state()
+            if since_best >= tc.patience:
+                stopped = f"early stop: {since_best} epochs without validation improvement"
+                break
+        elif step % tc.ckpt_every == 0:
+            save_state()
+    bar.close()
+    save_state(stopped)
+    write_log(out_dir / "train_log.csv", log)
+    print(f"[{desc}] {stopped} at step {step}; best val loss {best:.4f}; weights in {out_dir}")
+    return dict(steps=step, best_val=best, stopped=stopped)
+
+
+def write_log(path, rows):
+    if not rows:
+        return
+    from io import StringIO
+    buf = StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())

@@ -1,0 +1,196 @@
+"""eval.py: compare pre and post images of every method across jobs (seeds) against random removal."""
+import argparse
+import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mucs import config as C
+from mucs import metrics as M
+from mucs import stats
+from mucs.attrib.base import load_attrib
+from mucs.cli import Parser, guard
+from mucs.errors import UserError
+from mucs.generate import load_samples
+from mucs.io import atomic_path, file_hash
+
+
+def eval_args(argv):
+    p = Parser(prog="eval.py", description="Counterfactual evaluation: AUC and Ratio against random removal.")
+    p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
+    p.add_argument("--methods", default="random,pixel", help="comma-separated methods; must include random")
+    p.add_argument("--metrics", default=None, help="comma list, 'published' or 'all_available' (default: the no-download set)")
+    p.add_argument("--calc_ref", action="store_true", help="recompute the per-sample similarities even if cached")
+    p.add_argument("--pval", action="store_true", help="show p-values in the printed table")
+    p.add_argument("--show_controls", action="store_true", help="show control rows in the printed table and grids")
+    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
+    p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no_plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def find_jobs(spec, logs):
+    names = sorted({d.name[: -len("--pre")] for d in Path(logs).glob("*--pre") if d.is_dir()})
+    out = []
+    for s in [s.strip() for s in spec.split(",") if s.strip()]:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, s)]
+        if not hits:
+            raise UserError(f"no run folder {s}--pre in {logs}; run pipeline.py for that job first "
+                            f"(known: {', '.join(names[:6]) or 'none'})")
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def load_run(logs, job, methods):
+    """Pre samples, and per method its post samples and top ids, checked to share seeds."""
+    pre_dir = Path(logs) / f"{job}--pre"
+    cfg = C.load_saved(pre_dir / "config.yaml")
+    pre = load_samples(pre_dir)
+    posts = {}
+    for m in methods:
+        d = Path(logs) / f"{job}--post_{m}"
+        if not d.exists():
+            raise UserError(f"no run folder {d}; run pipeline.py --attrib={m} for job {job} first")
+        post = load_samples(d, stage="gpost")
+        if not torch.equal(post["seeds"], pre["seeds"]):
+            raise UserError(f"pre and post samples of {job} / {m} have different seeds; rerun --what=gpost --force")
+        posts[m] = dict(samples=post, top_ids=load_attrib(d)["top_ids"], dir=d)
+    return cfg, pre_dir, pre, posts
+
+
+def similarities(metrics, pre, post, cache, recompute):
+    """Per-sample similarity of each metric, cached in the post folder against the samples' hashes."""
+    key = f"{file_hash(cache['pre'])}-{file_hash(cache['post'])}"
+    path = cache["dir"] / "eval-sims.csv"
+    old = pd.read_csv(path) if path.exists() and not recompute else None
+    if old is not None and (old.get("key", pd.Series([""])).iloc[0] != key):
+        old = None
+    out = pd.DataFrame({"sample": np.arange(len(pre)), "key": key})
+    for name, metric in metrics.items():
+        if old is not None and name in old:
+            out[name] = old[name].values
+        else:
+            out[name] = metric(pre, post)
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, index=False)
+    return out
+
+
+def summarize(sims, metrics, methods):
+    """One row per (method, metric): target AUC/Ratio/p against random, and the same on controls."""
+    rows = []
+    for m in methods:
+        for name, metric in metrics.items():
+            row = dict(method=m, metric=name)
+            for part in ("target", "control"):
+                s = sims[sims.part == part]
+                a, r = s[s.method == m], s[s.method == "random"]
+                sign = 1 if metric.higher_is_similar else -1
+                row[f"auc_{part}"] = stats.auc(sign * a[name].values, sign * r[name].values)
+                med = r.groupby("job")[name].median()
+                mean, lo, hi = stats.ratio(a[name].values, a.job.map(med).values, metric.higher_is_similar)
+                row[f"ratio_{part}"], row[f"ratio_{part}_lo"], row[f"ratio_{part}_hi"] = mean, lo, hi
+                row[f"p_{part}"] = stats.pvalue(sign * a[name].values, sign * r[name].values, two_sided=part == "control")
+                row[f"n_{part}"] = len(a)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def overlaps(runs, methods):
+    rows = []
+    for m in methods:
+        within = [stats.overlap_within(p["posts"][m]["top_ids"]) for p in runs]
+        rows.append(dict(a=m, b=m, overlap=float(np.nanmean(within))))
+    for i, m in enumerate(methods):
+        for n in methods[i + 1:]:
+            vals = [stats.overlap_between(p["posts"][m]["top_ids"], p["posts"][n]["top_ids"]) for p in runs]
+            rows.append(dict(a=m, b=n, overlap=float(np.nanmean(vals))))
+    return pd.DataFrame(rows)
+
+
+def format_table(summary, pval, controls):
+    t = pd.DataFrame({"method": summary.method, "metric": summary.metric})
+    t["AUC"] = summary.auc_target.map("{:.3f}".format)
+    t["Ratio %"] = [f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in
+                    zip(summary.ratio_target, summary.ratio_target_lo, summary.ratio_target_hi)]
+    if pval:
+        t["p (1-sided)"] = summary.p_target.map("{:.2g}".format)
+    if controls:
+        t["ctrl AUC"] = summary.auc_control.map("{:.3f}".format)
+        t["ctrl Ratio %"] = summary.ratio_control.map("{:+.1f}".format)
+        if pval:
+            t["ctrl p (2-sided)"] = summary.p_control.map("{:.2g}".format)
+    t["n"] = summary.n_target
+    return t.to_string(index=False)
+
+
+def eval_main(argv):
+    args = eval_args(argv)
+    base = C.compose([])
+    logs = args.logs or base.paths.logs
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "random" not in methods:
+        raise UserError("--methods must include random: every method is measured against random removal")
+    methods = ["random"] + [m for m in methods if m != "random"]
+    jobs = find_jobs(args.jobs, logs)
+    names, skip_missing = M.resolve(args.metrics)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+
+    runs = []
+    for job in jobs:
+        cfg, pre_dir, pre, posts = load_run(logs, job, methods)
+        runs.append(dict(job=job, cfg=cfg, pre_dir=pre_dir, pre=pre, posts=posts))
+    data = {(r["cfg"].data.name, r["cfg"].data.folder) for r in runs}
+    if len(data) > 1:
+        raise UserError(f"the jobs use different datasets {sorted(data)}; evaluate them separately")
+    dcfg = runs[0]["cfg"].data
+    metrics = {}
+    for n in names:
+        try:
+            metrics[n] = M.make_metric(n, dcfg.folder, dcfg.name, base.paths.cache, dcfg.get("ssim_upsample", 1), device)
+        except UserError as e:
+            if not skip_missing:
+                raise
+            print(f"[eval] skipping metric {n}: {e}")
+
+    frames = []
+    for r in runs:
+        n_t = int(r["pre"]["num_attrib"])
+        for m in methods:
+            p = r["posts"][m]
+            s = similarities(metrics, r["pre"]["images"], p["samples"]["images"],
+                             dict(pre=r["pre_dir"] / "samples.safetensors", post=p["dir"] / "samples.safetensors",
+                                  dir=p["dir"]), args.calc_ref)
+            s.insert(0, "method", m)
+            s.insert(0, "job", r["job"])
+            s["seed"] = r["pre"]["seeds"].numpy()
+            s["part"] = np.where(np.arange(len(s)) < n_t, "target", "control")
+            frames.append(s.drop(columns=["key"]))
+    sims = pd.concat(frames, ignore_index=True)
+    summary = summarize(sims, metrics, methods)
+    per_seed = pd.concat([summarize(sims[sims.job == j], metrics, methods).assign(job=j) for j in jobs])
+    ov = overlaps(runs, methods)
+
+    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in (("sims", sims), ("summary", summary), ("per_seed", per_seed), ("overlap", ov)):
+        with atomic_path(out / f"{name}.csv") as tmp:
+            df.to_csv(tmp, index=False)
+    if not args.no_plots:
+        from mucs.plots import densities, grids
+        densities(sims, metrics, methods, out)
+        grids(runs, methods, out, args.show_controls)
+    shown = summary[summary.method != "random"] if len(methods) > 1 else summary
+    print(f"\nCounterfactual evaluation: {len(jobs)} job(s), {summary.n_target.iloc[0]} targets per method pooled "
+          f"(AUC > 0.5: the method's removal changed targets more than random removal)")
+    print(format_table(shown, args.pval, args.show_controls))
+    print("\nOverlap of top ids (within a method: across its targets; between methods: same target)")
+    print(ov.to_string(index=False, float_format="{:.3f}".format))
+    print(f"\n[eval] tables and plots in {out}")
+    return 0
+
+
+run_eval = guard(eval_main)

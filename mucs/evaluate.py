@@ -29,7 +29,11 @@ def eval_args(argv):
     p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no_plots", action="store_true")
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith("-")]
+    if bad:
+        raise UserError(f"unknown option {bad[0]}; see --help")
+    return args, rest
 
 
 def find_jobs(spec, logs):
@@ -128,8 +132,8 @@ def format_table(summary, pval, controls):
 
 
 def eval_main(argv):
-    args = eval_args(argv)
-    base = C.compose([])
+    args, overrides = eval_args(argv)
+    base = C.compose(overrides)  # for paths.* (logs, cache, plots)
     logs = args.logs or base.paths.logs
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "random" not in methods:

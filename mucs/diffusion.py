@@ -179,3 +179,13 @@ def build_precond(net, cfg):
 def describe_ladder(sigmas):
     s = np.asarray(sigmas, dtype=float)
     return f"{len(s) - 1} steps, sigma {s[0]:.3g} -> {s[-2]:.3g}"
+
+
+def ladder_at(u, sample_cfg, precond, epsilon_s=1e-3):
+    """The sampler's sigma at continuous ladder position u in [0, 1] (0: the highest noise level)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    if sample_cfg.discretization == "vp":
+        return precond.sigma(1 + u * (epsilon_s - 1))
+    lo = max(sample_cfg.sigma_min, getattr(precond, "sigma_min", 0))
+    hi = min(sample_cfg.sigma_max, getattr(precond, "sigma_max", float("inf")))
+    return edm_sigma(u, lo, hi, sample_cfg.rho)

@@ -1,0 +1,174 @@
+"""`mucs`: mirrored unlearning with noise-consistent skew.
+
+1. Unlearn the target x_g from a copy of the pre model: AdamW at lr / lr_factor on a few parameter
+   groups, minimising  mean(L_retain) - lambda * mean(min(L_gen, L_null))  over B retain items and B
+   copies of x_g, each with its own training noise; stop once mean(min(L_gen, L_null)) reaches
+   (1 - tolerance) L_null.
+2. Score every training item j on one fixed set of M noises (levels on the top t_sched_infer part of the
+   sampler's ladder), the same for both models:  s_j = mean_m (L_unl - L_orig) / (L_unl + L_orig + eps).
+   L_orig is computed once per job and cached.
+"""
+import copy
+import fnmatch
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from mucs.attrib.base import Method, register
+from mucs.diffusion import ladder_at, per_sample_loss
+from mucs.errors import UserError
+from mucs.io import file_hash, load_tensors, save_tensors
+from mucs.model import build_denoiser, labels_of
+from mucs.train import make_augment, step_generator
+
+
+def item_noise_losses(D, X, labels, sigmas, E, batch):
+    """L[j, m] = per-sample loss of item X[j] under noise (sigmas[m], E[m]): one fused batch of pairs."""
+    n, M = len(X), len(sigmas)
+    out = torch.empty(n, M)
+    per = max(1, batch // M)
+    with torch.inference_mode():
+        for i in range(0, n, per):
+            x = X[i: i + per]
+            b = len(x)
+            lab = None if labels is None else labels[i: i + per].repeat_interleave(M, 0)
+            L = per_sample_loss(D, x.repeat_interleave(M, 0), sigmas.repeat(b), E.repeat(b, 1, 1, 1), lab)
+            out[i: i + b] = L.view(b, M).float().cpu()
+    return out
+
+
+def trainable_names(D, patterns):
+    names = [n for n, _ in D.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise UserError(f"no parameter matches the MUCS trainable patterns {list(patterns)}; "
+                        f"set attrib.trainable for this network")
+    return names
+
+
+@register("mucs")
+class MUCS(Method):
+    def prepare(self):
+        if hasattr(self, "L_orig"):
+            return
+        ctx, cfg, dev = self.ctx, self.cfg, self.ctx.device
+        self.X = ctx.train.float_images().to(dev)
+        self.labels = labels_of(ctx.train, ctx.cfg.model, ctx.meta)
+        self.labels = None if self.labels is None else self.labels.to(dev)
+        self.sigmas, self.E = self.fixed_noise(cfg.noise_seed)
+        self.L_orig = self.cached("L_orig", lambda: item_noise_losses(ctx.D, self.X, self.labels, self.sigmas, self.E,
+                                                                     cfg.eval_batch))
+        self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(self.cached("L_null", self.estimate_L_null))
+        patterns = cfg.trainable.get(ctx.cfg.model.net) if hasattr(cfg.trainable, "get") else cfg.trainable
+        self.trainable = trainable_names(ctx.D, patterns or [])
+        self.augment = make_augment(ctx.cfg.model, ctx.cfg.train) if cfg.augment else None
+
+    # -- the fixed noise set ----------------------------------------------------------------------
+
+    def fixed_noise(self, seed):
+        """M noise levels evenly spaced on the top t_sched_infer of the ladder, and M unit noises."""
+        cfg, M = self.cfg, int(self.cfg.num_noises)
+        u = torch.linspace(0, cfg.t_sched_infer, M, dtype=torch.float64)
+        sigmas = ladder_at(u, self.ctx.cfg.sample, self.ctx.D).float()
+        g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        E = torch.randn((M,) + tuple(self.X.shape[1:]), generator=g)
+        return sigmas.to(self.ctx.device), E.to(self.ctx.device)
+
+    def cached(self, what, compute):
+        """A per-job quantity cached in the pre run folder, keyed by everything it depends on."""
+        ctx, cfg = self.ctx, self.cfg
+        weights = ctx.shared_dir / ("model-last.safetensors" if ctx.cfg.use_last_ckpt else "model-best.safetensors")
+        key = dict(what=what, weights=file_hash(weights), ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16],
+                   sample=dict(ctx.cfg.sample), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
+                   null_batches=cfg.null_batches, job_seed=ctx.seed)
+        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(ctx.shared_dir) / "mucs-cache" / f"{what}-{h}.safetensors"
+        if path.exists():
+            return load_tensors(path, what=f"MUCS {what} cache", hint="delete it to recompute")["value"]
+        value = torch.as_tensor(compute())
+        save_tensors(path, dict(value=value))
+        return value
+
+    def estimate_L_null(self):
+        """Mean training loss of a freshly initialised model of the same config."""
+        ctx, B = self.ctx, int(self.cfg.num_noises)
+        torch.manual_seed(ctx.seed + 999)
+        D0 = build_denoiser(ctx.cfg.model, ctx.meta).to(ctx.device).eval()
+        total = 0.0
+        with torch.inference_mode():
+            for b in range(int(self.cfg.null_batches)):
+                g = step_generator(ctx.seed, b, stream=7)
+                idx = torch.randint(len(self.X), (B,), generator=g)
+                sigma, eps = D0.train_sigma(B, generator=g), torch.randn((B,) + tuple(self.X.shape[1:]), generator=g)
+                lab = None if self.labels is None else self.labels[idx]
+                total += per_sample_loss(D0, self.X[idx], sigma.to(ctx.device), eps.to(ctx.device), lab).mean().item()
+        return total / int(self.cfg.null_batches)
+
+    # -- step 1: mirrored, bounded unlearning -----------------------------------------------------
+
+    def unlearn(self, x_g, y_g, t):
+        ctx, cfg, dev, B = self.ctx, self.cfg, self.ctx.device, int(self.cfg.num_noises)
+        D = copy.deepcopy(ctx.D).eval()  # eval mode: no dropout
+        params = dict(D.named_parameters())
+        for n, p in params.items():
+            p.requires_grad_(n in self.trainable)
+        opt = torch.optim.AdamW([params[n] for n in self.trainable], lr=ctx.cfg.train.lr / cfg.lr_factor,
+                                weight_decay=cfg.weight_decay)
+        goal = (1 - cfg.tolerance) * self.L_null
+        cap = int(cfg.max_steps) if cfg.max_steps is not None else int(cfg.safety_steps)
+        step, reason, L_ret, L_gen = 0, None, float("nan"), float("nan")
+        while True:
+            g = step_generator(ctx.seed * 1000 + 7, int(t) * 100003 + step, stream=3)
+            idx = torch.randint(len(self.X), (B,), generator=g)
+            y = torch.cat([self.X[idx], x_g.expand(B, -1, -1, -1)])
+            aug = None
+            if self.augment is not None:
+                y_r, aug_r = self.augment(y[:B].cpu(), generator=g)
+                y = torch.cat([y_r.to(dev), y[B:]])
+                aug = torch.cat([aug_r, torch.zeros_like(aug_r)]).to(dev)
+            lab = None
+            if self.labels is not None:
+                lab = torch.cat([self.labels[idx], (y_g if y_g is not None else torch.zeros_like(self.labels[:1])).expand(B, -1)])
+            sigma = D.train_sigma(2 * B, generator=g).to(dev)  # independent noise for the two halves
+            eps = torch.randn(y.shape, generator=g).to(dev)
+            L = per_sample_loss(D, y, sigma, eps, lab, aug)
+            l_ret, l_gen = L[:B].mean(), L[B:].clamp(max=self.L_null).mean()
+            L_ret, L_gen = l_ret.item(), l_gen.item()
+            if not (torch.isfinite(l_ret) and torch.isfinite(l_gen)):
+                raise UserError(f"MUCS unlearning loss became non-finite at step {step} of target {t}; lower the "
+                                f"unlearning lr (attrib.lr_factor) or set attrib.max_steps")
+            if L_gen >= goal:
+                reason = "reached (1 - tolerance) * L_null"
+                break
+            if step >= cap:
+                reason = "max_steps" if cfg.max_steps is not None else "safety_steps"
+                break
+            opt.zero_grad(set_to_none=True)
+            (l_ret - cfg.lam * l_gen).backward()
+            opt.step()
+            step += 1
+        D.requires_grad_(False)
+        return D, dict(stop=reason, steps=step, L_retain=round(L_ret, 5), L_gen=round(L_gen, 5),
+                       L_null=round(self.L_null, 5))
+
+    # -- step 2: noise-consistent skew --------------------------------------------------------------
+
+    def skew(self, L_unl, L_orig):
+        if self.cfg.score == "diff":
+            return (L_unl - L_orig).mean(1)
+        if self.cfg.score != "ratio":
+            raise UserError(f"attrib.score must be 'ratio' or 'diff', not {self.cfg.score!r}")
+        return ((L_unl - L_orig) / (L_unl + L_orig + self.cfg.eps)).mean(1)
+
+    def score(self, x, labels, index):
+        scores, infos = [], []
+        for k, t in enumerate(index.tolist()):
+            y_g = None if labels is None else labels[k: k + 1].to(self.ctx.device)
+            D_u, info = self.unlearn(x[k: k + 1].to(self.ctx.device), y_g, t)
+            sigmas, E = (self.sigmas, self.E) if self.cfg.consistent_noise else self.fixed_noise(
+                self.cfg.noise_seed + 1 + self.ctx.seed * 100003 + t)
+            L_unl = item_noise_losses(D_u, self.X, self.labels, sigmas, E, self.cfg.eval_batch)
+            scores.append(self.skew(L_unl, self.L_orig))
+            infos.append(info)
+        return torch.stack(scores), infos

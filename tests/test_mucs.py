@@ -1,0 +1,160 @@
+"""MUCS known-answer tests: planted near-copies rank first, no unlearning gives zero scores, the cached
+pre-model losses equal a fresh computation, and each ablation switch changes what it should."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mucs.attrib.mucs import MUCS, item_noise_losses
+from mucs.cli import run_pipeline
+from mucs.config import compose
+from mucs.data import build_digits, load_split, write_dataset
+from mucs.stages import Job, attrib_context, targets_of
+
+FAST = ["attrib=mucs", "attrib.num_noises=16", "attrib.null_batches=10", "attrib.eval_batch=2048",
+        "attrib.max_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """300 digits plus 6 noisy copies of one extra digit (ids 1000-1005); the test split holds a 7th copy."""
+    root = tmp_path_factory.mktemp("planted")
+    build_digits(root / "digits")
+    tr, te = load_split(root / "digits", "train"), load_split(root / "digits", "test")
+    rng = np.random.default_rng(0)
+    base = te.images[0].numpy().astype(int)
+    copies = np.stack([np.clip(base + rng.integers(-8, 9, base.shape), 0, 255) for _ in range(7)]).astype(np.uint8)
+    imgs = np.concatenate([tr.images[:300].numpy(), copies[:6]])
+    ids = np.r_[np.arange(300), np.arange(1000, 1006)]
+    labels = np.r_[tr.labels[:300].numpy(), [int(te.labels[0])] * 6]
+    write_dataset(root / "planted", dict(name="planted", num_classes=10, cond="class"),
+                  dict(train=dict(images=imgs, ids=ids, labels=labels),
+                       test=dict(images=np.concatenate([copies[6:], te.images[1:40].numpy()]),
+                                 ids=np.arange(40), labels=np.r_[int(te.labels[0]), te.labels[1:40].numpy()])))
+    return root
+
+
+def make_job(tiny, planted, extra=()):
+    over = [o for o in tiny if not o.startswith(("train.steps", "num_attrib", "data.num_removal_base"))]
+    over += ["data.name=planted", f"data.folder={planted / 'planted'}", "train.steps=300", "train.epoch_steps=100",
+             "train.batch=64", "train.lr=2e-3", "train.ema=0.95", "num_attrib=1", "control_factor=0", "data.num_removal_base=6",
+             "sample.surplus=1", "sample.num_steps=8", "model.net_kwargs.width=64", "model.net_kwargs.cond_width=64"]
+    return over + FAST + list(extra)
+
+
+@pytest.fixture(scope="module")
+def trained(planted, tmp_path_factory):
+    from conftest import TINY
+    logs = tmp_path_factory.mktemp("logs")
+    tiny = TINY + [f"paths.logs={logs}", f"paths.plots={logs}/plots", f"paths.cache={logs}/cache"]
+    over = make_job(tiny, planted)
+    assert run_pipeline(["--what=tpre"] + over) == 0
+    return over
+
+
+def context(over, *extra):
+    job = Job(compose(list(over) + list(extra)))
+    return job, attrib_context(job)
+
+
+def target_copy(planted):
+    """The held-out 7th copy, as the target image and its one-hot condition."""
+    te = load_split(planted / "planted", "test")
+    return te.float_images()[:1], torch.nn.functional.one_hot(te.labels[:1], 10).float()
+
+
+def test_planted_copies_rank_first(trained, planted):
+    job, ctx = context(trained)
+    m = MUCS(job.cfg.attrib, ctx)
+    m.prepare()
+    x, y = target_copy(planted)
+    scores, info = m.score(x, y, torch.tensor([0]))
+    top = ctx.train.ids[scores[0].argsort(descending=True)[:6]]
+    assert info[0]["steps"] > 0
+    assert len(set(top.tolist()) & set(range(1000, 1006))) >= 5, (top, info)
+
+
+def test_no_unlearning_gives_zero_scores(trained, planted):
+    job, ctx = context(trained, "attrib.max_steps=0")
+    m = MUCS(job.cfg.attrib, ctx)
+    m.prepare()
+    x, y = target_copy(planted)
+    scores, info = m.score(x, y, torch.tensor([0]))
+    assert info[0]["steps"] == 0
+    assert torch.equal(scores, torch.zeros_like(scores))
+    # with fresh noise for the unlearned model the same unchanged model gives non-zero scores
+    job, ctx = context(trained, "attrib.max_steps=0", "attrib.consistent_noise=false")
+    m = MUCS(job.cfg.attrib, ctx)
+    m.prepare()
+    assert m.score(x, y, torch.tensor([0]))[0].abs().max() > 1e-3
+
+
+def test_cached_pre_losses_equal_fresh_computation(trained):
+    job, ctx = context(trained)
+    m = MUCS(job.cfg.attrib, ctx)
+    m.prepare()
+    files = list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))
+    assert files
+    again = MUCS(job.cfg.attrib, ctx)
+    again.prepare()  # loads the cache
+    fresh = item_noise_losses(ctx.D, m.X, m.labels, m.sigmas, m.E, 512)  # another batch layout
+    assert torch.allclose(again.L_orig, fresh, rtol=1e-4, atol=1e-6)
+    assert again.L_orig.shape == (len(ctx.train), 16)
+    # the cache key follows the noise settings: another t_sched_infer is another file
+    job2, ctx2 = context(trained, "attrib.t_sched_infer=0.5")
+    MUCS(job2.cfg.attrib, ctx2).prepare()
+    assert len(list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))) == len(files) + 1
+
+
+def test_ablation_switches(trained, planted):
+    x, y = target_copy(planted)
+    job, ctx = context(trained, "attrib.max_steps=3")
+    m = MUCS(job.cfg.attrib, ctx)
+    m.prepare()
+    # noise levels: M levels from sigma_max down to the ladder at t_sched_infer
+    from mucs.diffusion import ladder_at
+    assert m.sigmas[0].item() == pytest.approx(80.0, rel=1e-5)
+    assert m.sigmas[-1].item() == pytest.approx(float(ladder_at(0.7, job.cfg.sample, ctx.D)), rel=1e-5)
+    _, ctx5 = context(trained, "attrib.max_steps=3", "attrib.t_sched_infer=0.5")
+    m5 = MUCS(job.cfg.attrib.copy(), ctx5)
+    m5.cfg = OmegaConf.merge(job.cfg.attrib, {"t_sched_infer": 0.5})
+    m5.prepare()
+    assert m5.sigmas[-1] > m.sigmas[-1] and m5.sigmas[0] == m.sigmas[0]
+    # step cap
+    D_u, info = m.unlearn(x, y, 0)
+    assert info["steps"] == 3 and info["stop"] == "max_steps"
+    # diff vs ratio: the two score formulas on the same losses
+    L_unl = item_noise_losses(D_u, m.X, m.labels, m.sigmas, m.E, 2048)
+    ratio = m.skew(L_unl, m.L_orig)
+    m.cfg = OmegaConf.merge(m.cfg, {"score": "diff"})
+    diff = m.skew(L_unl, m.L_orig)
+    assert torch.allclose(diff, (L_unl - m.L_orig).mean(1))
+    assert torch.allclose(ratio, ((L_unl - m.L_orig) / (L_unl + m.L_orig + 1e-3)).mean(1))
+    # lambda and tolerance: no pull on the target (lambda 0) never reaches L_null within the cap; a loose
+    # tolerance stops sooner than a strict one
+    steps = {}
+    for lam, tol in ((0.2, 0.05), (0.2, 0.5), (0.0, 0.05)):
+        mm = MUCS(OmegaConf.merge(job.cfg.attrib, {"lam": lam, "tolerance": tol, "max_steps": 40}), ctx)
+        mm.prepare()
+        steps[(lam, tol)] = mm.unlearn(x, y, 0)[1]
+    assert steps[(0.2, 0.5)]["steps"] < steps[(0.2, 0.05)]["steps"]
+    assert steps[(0.0, 0.05)]["L_gen"] < steps[(0.2, 0.05)]["L_gen"]
+
+
+def test_attribution_stage_logs_every_target(trained, planted, tmp_path):
+    """The real `a` stage on user-supplied targets (a folder of PNGs): one log row per target."""
+    from PIL import Image
+    te = load_split(planted / "planted", "test")
+    for i in range(2):
+        Image.fromarray(te.images[i, 0].numpy()).save(tmp_path / f"t{i}.png")
+    over = list(trained) + [f"targets={tmp_path}"]
+    assert run_pipeline(["--what=a"] + over) == 0
+    job = Job(compose(over))
+    rows = [json.loads(line) for line in (job.post / "attrib_log.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows] == [0, 1]
+    for r in rows:
+        assert {"stop", "steps", "L_retain", "L_gen", "L_null", "seconds"} <= set(r)
+    x, _ = targets_of(job)
+    assert torch.allclose(x, te.float_images()[:2])

@@ -91,8 +91,9 @@ def pipeline_main(argv):
         from mucs.launch import submit
         return submit(cfg, names, overrides)
     shard = parse_shard(args.shard)
-    print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}; "
-          f"runs in {job.pre.parent}")
+    if job.world.main:
+        print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}"
+              f"{f' x {job.world.size} processes' if job.world.size > 1 else ''}; runs in {job.pre.parent}")
     for n in names:
         kw = dict(shard=shard) if n == "a" else {}
         S.run_stage(job, n, will_run=names, **kw)
@@ -106,8 +107,16 @@ def print_plan(job, names):
     cfg = job.cfg
     print(f"plan for job {cfg.job_name} (seed {cfg.seed}, method {cfg.attrib.name}, device {job.device})")
     print(f"  model {cfg.model.net} {dict(cfg.model.net_kwargs)} precond {cfg.model.precond.kind}")
-    print(f"  train batch {cfg.train.batch} lr {cfg.train.lr} ema {cfg.train.ema} steps <= {cfg.train.steps}; "
+    t, s = cfg.train, cfg.sample
+    print(f"  train batch {t.batch} lr {t.lr} ema {t.ema} steps <= {t.steps}; "
           f"num_gen {C.num_gen(cfg)} (targets {cfg.num_attrib}); num_removal {C.num_removal(cfg)} per target")
+    print(f"  recipe: AdamW wd {t.weight_decay}, warm-up {t.warmup_steps} updates, epoch {t.epoch_steps} updates "
+          f"(<= {t.steps // t.epoch_steps} epochs), patience {t.patience}, augment p {t.augment_p} "
+          f"(label {cfg.model.augment_dim}-d), "
+          f"{f'conditional, dropout {t.cond_dropout}' if cfg.model.conditional else 'unconditional'}")
+    print(f"  sample: {s.solver} {s.num_steps} steps, {s.discretization} ladder, guidance {s.guidance}, "
+          f"{'last' if cfg.use_last_ckpt else 'best'} EMA weights; precision {cfg.precision.autocast}, "
+          f"{job.world.size} process(es)")
     for stage, status, ins, outs in S.plan(job, names):
         print(f"  [{status:4s}] {stage.name:5s} in: {', '.join(ins) or '-'}")
         print(f"               out: {', '.join(outs)}")

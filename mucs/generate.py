@@ -10,12 +10,16 @@ from mucs.diffusion import SeedGenerators, heun_sampler, sigma_ladder
 from mucs.errors import UserError
 from mucs.io import atomic_path, load_tensor_metadata, load_tensors, save_tensors
 from mucs.model import labels_of
+from mucs.train import autocast
 
 SAMPLES = "samples.safetensors"
 
 
 def ladder(cfg, D):
     s = cfg.sample
+    if s.discretization == "vp" and not hasattr(D, "sigma"):
+        raise UserError(f"sample.discretization=vp steps through a VP model's sigma(t), but this model's "
+                        f"preconditioning is {cfg.model.precond.kind!r}; use sample.discretization=edm")
     lo, hi = max(s.sigma_min, getattr(D, "sigma_min", 0)), min(s.sigma_max, getattr(D, "sigma_max", float("inf")))
     return sigma_ladder(s.num_steps, lo, hi, s.rho, s.discretization, precond=D)
 
@@ -28,8 +32,9 @@ def sample(D, cfg, seeds, labels, shape, device, desc="sample"):
         gens = SeedGenerators(seeds[i: i + s.batch])
         latents = gens.randn(shape, device)
         y = None if labels is None else labels[i: i + s.batch].to(device)
-        x = heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
-                         S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device), solver=s.solver)
+        with autocast(device, cfg.precision.autocast):  # the ODE state itself stays float64
+            x = heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
+                             S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device), solver=s.solver)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
 

@@ -1,4 +1,5 @@
 """Build a denoiser D(x, sigma, y) from the model config and the dataset's meta; save and load its weights."""
+import contextlib
 import copy
 
 import torch
@@ -17,10 +18,12 @@ def label_dim(model_cfg, meta):
     return meta["num_classes"] if meta["cond"] == "class" else meta["cond_dim"]
 
 
-def build_denoiser(model_cfg, meta):
-    net = build_net(model_cfg.net, img_resolution=meta["resolution"], in_channels=meta["channels"],
-                    out_channels=meta["channels"], label_dim=label_dim(model_cfg, meta),
-                    augment_dim=model_cfg.augment_dim, **model_cfg.net_kwargs)
+def build_denoiser(model_cfg, meta, device=None):
+    """The denoiser of the config; device="meta" builds shapes only (to count parameters)."""
+    with torch.device(device) if device else contextlib.nullcontext():
+        net = build_net(model_cfg.net, img_resolution=meta["resolution"], in_channels=meta["channels"],
+                        out_channels=meta["channels"], label_dim=label_dim(model_cfg, meta),
+                        augment_dim=model_cfg.augment_dim, **model_cfg.net_kwargs)
     return build_precond(net, model_cfg.precond)
 
 

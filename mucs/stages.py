@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from mucs import config as C
+from mucs import distributed
 from mucs.attrib.base import ATTRIB, Context, attribute, get_method, load_attrib, merge
 from mucs.data import ensure_dataset, load_split, remove_ids, subsample
 from mucs.errors import UserError
@@ -28,12 +29,12 @@ from mucs.train import train
 ORDER = ["tpre", "gpre", "a", "tpost", "gpost"]
 
 
-def resolve_device(name):
+def resolve_device(name, world=distributed.World()):
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu or device=auto")
-    return name
+    return distributed.local_device(name, world)
 
 
 def code_version():
@@ -51,7 +52,9 @@ class Job:
     def __init__(self, cfg):
         self.cfg = cfg
         self.pre, self.post = C.pre_dir(cfg), C.post_dir(cfg)
-        self.device = resolve_device(cfg.device)
+        self.world = distributed.world_from_env()  # one process unless started by torchrun / submitit tasks
+        self.device = resolve_device(cfg.device, self.world)
+        distributed.init(self.world, self.device)
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.precision.tf32)
 
@@ -86,8 +89,9 @@ class Job:
 
 
 def run_tpre(job):
-    write_text(job.pre / "config.yaml", C.to_yaml(job.cfg))
-    train(job.cfg, job.train_split, job.test_split, job.meta, job.pre, job.device, desc="tpre")
+    if job.world.main:
+        write_text(job.pre / "config.yaml", C.to_yaml(job.cfg))
+    train(job.cfg, job.train_split, job.test_split, job.meta, job.pre, job.device, desc="tpre", world=job.world)
 
 
 def run_gpre(job):
@@ -131,8 +135,9 @@ def reduce_a(job):
 def run_tpost(job):
     removed = job.removed_ids()
     kept = remove_ids(job.train_split, removed)
-    print(f"[tpost] removing {len(removed)} of {len(job.train_split)} training items (union over targets)")
-    train(job.cfg, kept, job.test_split, job.meta, job.post, job.device, desc="tpost")
+    if job.world.main:
+        print(f"[tpost] removing {len(removed)} of {len(job.train_split)} training items (union over targets)")
+    train(job.cfg, kept, job.test_split, job.meta, job.post, job.device, desc="tpost", world=job.world)
 
 
 def run_gpost(job):
@@ -166,6 +171,7 @@ STAGES = {s.name: s for s in [
     Stage("gpost", run_gpost, lambda j: j.post, (SAMPLES,),
           lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
 ]}
+DATA_PARALLEL = ("tpre", "tpost")  # stages every process of a data-parallel world runs; rank 0 runs the others
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,14 +240,17 @@ def run_stage(job, name, will_run=(), **kw):
         print(f"[{name}] done already ({manifest_path(job, s)}); skipping (--force redoes it)")
         return
     t0 = time.time()
-    s.folder(job).mkdir(parents=True, exist_ok=True)
-    if job.cfg.force:
-        clear_progress(job, s)
-    s.run(job, **kw)
-    if name == "a" and kw.get("shard", (0, 1))[1] > 1 and kw["shard"][0] != -1:
-        return  # a shard: the reduce step writes the manifest
-    write_manifest(job, s, time.time() - t0)
-    print(f"[{name}] done in {time.time() - t0:.1f} s -> {s.folder(job)}")
+    if job.world.main:
+        s.folder(job).mkdir(parents=True, exist_ok=True)
+        if job.cfg.force:
+            clear_progress(job, s)
+    job.world.barrier()  # the others start from what rank 0 cleared
+    if job.world.main or name in DATA_PARALLEL:
+        s.run(job, **kw)
+    if job.world.main and not (name == "a" and kw.get("shard", (0, 1))[1] > 1 and kw["shard"][0] != -1):
+        write_manifest(job, s, time.time() - t0)  # (an attribution shard's manifest is the reduce step's)
+        print(f"[{name}] done in {time.time() - t0:.1f} s -> {s.folder(job)}")
+    job.world.barrier()  # the next stage reads this one's outputs
 
 
 def clear_progress(job, s):

@@ -2,7 +2,8 @@
 
 Every random draw of step k comes from a generator seeded with (seed, k), and the data order from
 (seed, epoch): a run resumed from its newest state file sees exactly the noise and order of an
-uninterrupted run, so their weights agree bit for bit on the same machine.
+uninterrupted run, so their weights agree bit for bit on the same machine. With several data-parallel
+processes (mucs.distributed) every rank draws the same global batch and keeps its own rows.
 """
 import csv
 import math
@@ -13,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mucs.diffusion import per_sample_loss
+from mucs.distributed import World, data_parallel
 from mucs.errors import UserError
 from mucs.io import torch_load, torch_save, write_text
 from mucs.model import build_denoiser, clone, labels_of, save_weights
@@ -74,8 +76,9 @@ def train_batch(D, split, meta, model_cfg, train_cfg, idx, g, device, augment=No
 
 
 @torch.no_grad()
-def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=256):
-    """Mean EDM loss on a fixed subset of held-out items with fixed noise: comparable across evaluations."""
+def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=256, world=World()):
+    """Mean EDM loss on a fixed subset of held-out items with fixed noise: comparable across evaluations.
+    Data-parallel ranks share each batch's rows and sum their totals."""
     g = torch.Generator().manual_seed(seed + 12345)
     n = min(n_items, len(split))
     idx = torch.randperm(len(split), generator=g)[:n]
@@ -85,10 +88,13 @@ def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=
         y = sub.float_images()
         sigma, eps = D.train_sigma(len(sub), generator=g), torch.randn(y.shape, generator=g)
         labels = labels_of(sub, model_cfg, meta)
+        if world.size > 1:
+            r = world.rows(len(sub))
+            y, sigma, eps, labels = y[r], sigma[r], eps[r], None if labels is None else labels[r]
         loss = per_sample_loss(D, y.to(device), sigma.to(device), eps.to(device),
                                None if labels is None else labels.to(device))
         total += loss.sum().item()
-    return total / n
+    return world.sum(total) / n
 
 
 def lr_at(step, cfg):
@@ -100,12 +106,16 @@ def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
-def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train"):
+def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", world=World()):
     """Train a denoiser on `split`; write model-best/-last.safetensors (EMA weights) and train_log.csv
-    into out_dir. Resumes from out_dir/train-state.pt when present."""
+    into out_dir. Resumes from out_dir/train-state.pt when present. In a world of several processes
+    each takes its rows of every global batch; only rank 0 writes."""
     tc, mc, out_dir = cfg.train, cfg.model, Path(out_dir)
     if len(split) == 0:
         raise UserError("the training set is empty; check --subsample and the removal size")
+    if tc.batch < world.size:
+        raise UserError(f"train.batch {tc.batch} is smaller than the {world.size} data-parallel processes; "
+                        f"raise train.batch or start fewer processes")
     torch.manual_seed(cfg.seed)  # initial weights
     D = build_denoiser(mc, meta).to(device).train()
     ema = clone(D).eval().requires_grad_(False)
@@ -124,27 +134,40 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train"):
         print(f"[{desc}] resuming from {state_path} at step {step}")
     order, augment = Order(len(split), tc.batch, cfg.seed), make_augment(mc, tc)
     split_dev = split  # uint8 stays on CPU; batches are made on CPU so the noise does not depend on the device
+    # an augment embedder without augmentation gets no gradient, which DDP must be told
+    ddp = data_parallel(D, device, find_unused=bool(mc.augment_dim) and augment is None) if world.size > 1 else None
 
     def save_state(stopped=""):
-        torch_save(state_path, dict(model=D.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                                    best=best, since_best=since_best, log=log, stopped=stopped))
+        if world.main:
+            torch_save(state_path, dict(model=D.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                                        best=best, since_best=since_best, log=log, stopped=stopped))
 
-    bar = tqdm(total=tc.steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, mininterval=2)
+    bar = tqdm(total=tc.steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, mininterval=2,
+               disable=not world.main)
     t0, running = time.time(), []
     stopped = "max steps"
     while step < tc.steps:
         g = step_generator(cfg.seed, step)
-        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))  # dropout draws
-        y, sigma, eps, labels, aug = train_batch(D, split_dev, meta, mc, tc, order(step), g, device, augment)
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)) + world.rank)  # dropout draws
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
-        with autocast(device, cfg.precision.autocast):
-            loss = per_sample_loss(D, y, sigma, eps, labels, aug).mean()
+        if ddp is None:
+            y, sigma, eps, labels, aug = train_batch(D, split_dev, meta, mc, tc, order(step), g, device, augment)
+            with autocast(device, cfg.precision.autocast):
+                loss = objective = per_sample_loss(D, y, sigma, eps, labels, aug).mean()
+        else:  # the global batch on CPU, this rank's rows on its device
+            parts = train_batch(D, split_dev, meta, mc, tc, order(step), g, "cpu", augment)
+            r = world.rows(tc.batch)
+            with autocast(device, cfg.precision.autocast):
+                L = ddp(*[None if t is None else t[r].to(device) for t in parts])
+            # DDP averages gradients over ranks: each rank's sum scaled by size / batch gives the global mean
+            objective = L.sum() * (world.size / tc.batch)
+            loss = torch.tensor(world.sum(L.detach().sum().item()) / tc.batch)
         if not torch.isfinite(loss):
             raise UserError(f"training loss became {loss.item()} at step {step}; lower train.lr or check the data "
                             f"(the last good state is {state_path})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         opt.step()
         with torch.no_grad():  # EMA of the weights, per optimizer step
             for p_ema, p in zip(ema.parameters(), D.parameters()):
@@ -155,15 +178,17 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train"):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(running) / len(running):.4f}", img_s=f"{step * tc.batch / (time.time() - t0 + 1e-9):.0f}")
         if step % tc.epoch_steps == 0 or step == tc.steps:
-            val = validation_loss(ema, val_split, meta, mc, cfg.seed, device, tc.val_items)
+            val = validation_loss(ema, val_split, meta, mc, cfg.seed, device, tc.val_items, world=world)
             log.append(dict(step=step, train_loss=sum(running) / len(running), val_loss=val, lr=lr_at(step - 1, tc)))
             running = []
             if val < best:
                 best, since_best = val, 0
-                save_weights(out_dir / "model-best.safetensors", ema, dict(step=step, val_loss=val))
+                if world.main:
+                    save_weights(out_dir / "model-best.safetensors", ema, dict(step=step, val_loss=val))
             else:
                 since_best += 1
-            save_weights(out_dir / "model-last.safetensors", ema, dict(step=step, val_loss=val))
+            if world.main:
+                save_weights(out_dir / "model-last.safetensors", ema, dict(step=step, val_loss=val))
             save_state()
             if since_best >= tc.patience:
                 stopped = f"early stop: {since_best} epochs without validation improvement"
@@ -172,8 +197,9 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train"):
             save_state()
     bar.close()
     save_state(stopped)
-    write_log(out_dir / "train_log.csv", log)
-    print(f"[{desc}] {stopped} at step {step}; best val loss {best:.4f}; weights in {out_dir}")
+    if world.main:
+        write_log(out_dir / "train_log.csv", log)
+        print(f"[{desc}] {stopped} at step {step}; best val loss {best:.4f}; weights in {out_dir}")
     return dict(steps=step, best_val=best, stopped=stopped)
 
 

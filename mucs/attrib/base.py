@@ -46,6 +46,12 @@ class Context:
     def seed(self):
         return int(self.cfg.seed)
 
+    def autocast(self):
+        """The configured mixed precision (precision.autocast) for a method's training-like updates (e.g.
+        unlearning steps). Scores that are small differences of losses are safer in float32."""
+        from mucs.train import autocast
+        return autocast(self.device, self.cfg.precision.autocast)
+
 
 class Method:
     """Subclass, decorate with @register("name"), add configs/attrib/<name>.yaml."""

@@ -138,17 +138,19 @@ PROJ_BLOCK = 1 << 15  # parameters per generated block of P: P is the same for a
 
 
 def project(G, k, kind, seed):
-    """G [B, p] -> G P / sqrt(k) with P [p, k] Gaussian or Rademacher, generated block by block from the seed
-    (never stored); 'identity' returns G (k = p)."""
+    """G [B, p] -> G P / sqrt(k) with P [p, k] Gaussian or Rademacher, generated block by block from the seed on
+    G's device (never stored; CPU and CUDA draw different P); 'identity' returns G (k = p)."""
     if kind == "identity":
         return G
     if kind not in ("gaussian", "rademacher"):
         raise UserError(f"unknown projection {kind!r}; choose gaussian, rademacher or identity")
     out = torch.zeros(len(G), int(k), dtype=G.dtype, device=G.device)
     for b, i in enumerate(range(0, G.shape[1], PROJ_BLOCK)):
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        gen = torch.Generator(device=G.device).manual_seed(int(seed) * 1_000_003 + b)
         n = min(PROJ_BLOCK, G.shape[1] - i)
-        P = torch.randn(n, int(k), generator=gen) if kind == "gaussian" else \
-            torch.randint(0, 2, (n, int(k)), generator=gen).float() * 2 - 1
-        out += G[:, i: i + n] @ P.to(G)
+        if kind == "gaussian":
+            P = torch.randn(n, int(k), generator=gen, device=G.device, dtype=G.dtype)
+        else:
+            P = torch.randint(0, 2, (n, int(k)), generator=gen, device=G.device).to(G.dtype) * 2 - 1
+        out += G[:, i: i + n] @ P
     return out / float(k) ** 0.5

@@ -43,7 +43,7 @@ class DTRAK(Method):
         self.sigmas, self.E = ladder_noise(ctx, cfg.num_timesteps, cfg.t_range, cfg.noise_seed, self.X.shape[1:])
         key = dict(output=cfg.output, K=cfg.num_timesteps, t=list(cfg.t_range), noise_seed=cfg.noise_seed,
                    params=self.names, proj=cfg.proj, k=cfg.proj_dim, proj_seed=cfg.proj_seed,
-                   sample=dict(ctx.cfg.sample))
+                   device=torch.device(ctx.device).type, sample=dict(ctx.cfg.sample))
         self.Phi = job_cache(ctx, f"{self.name}-features", key,
                              lambda: self.features(self.X, self.labels, desc=f"{self.name} train features"))
         self.M = trak_solver(self.Phi, float(cfg.lam)).float()

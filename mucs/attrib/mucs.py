@@ -132,7 +132,8 @@ class MUCS(Method):
                 lab = torch.cat([self.labels[idx], (y_g if y_g is not None else torch.zeros_like(self.labels[:1])).expand(B, -1)])
             sigma = D.train_sigma(2 * B, generator=g).to(dev)  # independent noise for the two halves
             eps = torch.randn(y.shape, generator=g).to(dev)
-            L = per_sample_loss(D, y, sigma, eps, lab, aug)
+            with ctx.autocast():  # precision.autocast, as in training; the scores stay float32
+                L = per_sample_loss(D, y, sigma, eps, lab, aug)
             l_ret, l_gen = L[:B].mean(), L[B:].clamp(max=self.L_null).mean()
             L_ret, L_gen = l_ret.item(), l_gen.item()
             if not (torch.isfinite(l_ret) and torch.isfinite(l_gen)):

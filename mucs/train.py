@@ -91,6 +91,8 @@ def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=
         if world.size > 1:
             r = world.rows(len(sub))
             y, sigma, eps, labels = y[r], sigma[r], eps[r], None if labels is None else labels[r]
+            if len(y) == 0:  # fewer items than processes in this batch (its draws are made above)
+                continue
         loss = per_sample_loss(D, y.to(device), sigma.to(device), eps.to(device),
                                None if labels is None else labels.to(device))
         total += loss.sum().item()

@@ -45,7 +45,7 @@ def pipeline_args(argv):
     p.add_argument("--no_exec", action="store_true", help="print the plan of stages with inputs and outputs; run nothing")
     p.add_argument("--launcher", help="local (default) or slurm")
     p.add_argument("--sbatch", action="store_true", help="the published spelling of --launcher=slurm")
-    p.add_argument("--shard", help="i/n: attribute only targets i, i+n, ... (used by Slurm arrays); -1/n merges")
+    p.add_argument("--shard", help="i/n: attribute only blocks i, i+n, ... of the targets (used by Slurm arrays); -1/n merges")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if r.startswith("-")]
     if bad:
@@ -83,13 +83,15 @@ def pipeline_main(argv):
     args, overrides = pipeline_args(argv)
     names = S.parse_what(args.what)
     cfg = C.compose(overrides)
+    if cfg.launcher.name != "local" and not args.no_exec:  # before Job(): a login node may have no GPU
+        if args.shard:
+            raise UserError("--shard is what the jobs of a Slurm array run; with --launcher=slurm set launcher.a_shards=N")
+        from mucs.launch import submit
+        return submit(cfg, names, overrides)
     job = S.Job(cfg)
     if args.no_exec:
         print_plan(job, names)
         return 0
-    if cfg.launcher.name != "local":
-        from mucs.launch import submit
-        return submit(cfg, names, overrides)
     shard = parse_shard(args.shard)
     if job.world.main:
         print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}"

@@ -118,9 +118,10 @@ def run_a(job, shard=(0, 1)):
     if k >= len(job.train_split):
         raise UserError(f"num_removal {k} is not smaller than the training set ({len(job.train_split)} items); "
                         f"lower --topk_factor or num_removal")
-    x, labels = targets_of(job)
-    method = get_method(job.cfg.attrib.name)(job.cfg.attrib, attrib_context(job))
-    attribute(method, x, labels, job.post, shard)
+    if shard[0] != -1:  # -1/n only merges the shards' parts
+        x, labels = targets_of(job)
+        method = get_method(job.cfg.attrib.name)(job.cfg.attrib, attrib_context(job))
+        attribute(method, x, labels, job.post, shard)
     if shard[1] == 1 or shard[0] == -1:
         reduce_a(job)
 
@@ -243,7 +244,7 @@ def run_stage(job, name, will_run=(), **kw):
     if job.world.main:
         s.folder(job).mkdir(parents=True, exist_ok=True)
         if job.cfg.force:
-            clear_progress(job, s)
+            clear_progress(job, s, kw.get("shard", (0, 1)))
     job.world.barrier()  # the others start from what rank 0 cleared
     if job.world.main or name in DATA_PARALLEL:
         s.run(job, **kw)
@@ -253,12 +254,18 @@ def run_stage(job, name, will_run=(), **kw):
     job.world.barrier()  # the next stage reads this one's outputs
 
 
-def clear_progress(job, s):
-    """--force: forget resumable progress of this stage so it is recomputed (outputs are replaced atomically)."""
+def clear_progress(job, s, shard=(0, 1)):
+    """--force: forget resumable progress of this stage so it is recomputed (outputs are replaced atomically).
+    A shard i/n of `a` forgets only its own blocks' parts (its siblings run at the same time); -1/n none."""
     import shutil
     d = s.folder(job)
     if s.name in ("tpre", "tpost"):
         (d / "train-state.pt").unlink(missing_ok=True)
-    if s.name == "a":
+    if s.name == "a" and shard[1] == 1:
         shutil.rmtree(d / "attrib-parts", ignore_errors=True)
+    elif s.name == "a" and shard[0] >= 0:
+        bs = max(1, get_method(job.cfg.attrib.name).batch_targets)
+        for p in (d / "attrib-parts").glob("t*.safetensors"):
+            if int(p.stem[1:]) // bs % shard[1] == shard[0]:  # its block is this shard's (attrib.base.blocks)
+                p.unlink(missing_ok=True)
     manifest_path(job, s).unlink(missing_ok=True)

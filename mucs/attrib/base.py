@@ -83,16 +83,24 @@ def part_path(work_dir, t):
     return Path(work_dir) / PARTS / f"t{t:05d}.safetensors"
 
 
+def blocks(n_targets, batch_targets, shard=(0, 1)):
+    """The batches of targets shard i/n scores: fixed blocks of batch_targets (targets b*B ... b*B + B-1), blocks
+    i, i+n, ... A shard or a resumed run thus scores every target in the same batch as one unsplit run, so
+    methods whose batched arithmetic depends on the batch still give the same scores bit for bit."""
+    bs = max(1, batch_targets)
+    return [list(range(b, min(b + bs, n_targets))) for b in range(shard[0] * bs, n_targets, shard[1] * bs)]
+
+
 def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
-    """Score every target of this shard (t = shard[0], shard[0] + shard[1], ...) that has no part file yet."""
-    todo = [t for t in range(shard[0], len(x), shard[1]) if not part_path(work_dir, t).exists()]
+    """Score the targets of this shard (see `blocks`) whose block has a target without a part file yet."""
+    todo = [b for b in blocks(len(x), method.batch_targets, shard)
+            if not all(part_path(work_dir, t).exists() for t in b)]
     if not todo:
         return
     method.prepare()
-    bs = max(1, method.batch_targets)
-    bar = tqdm(total=len(todo), desc=f"a[{method.name}]", unit="target", dynamic_ncols=True)
-    for i in range(0, len(todo), bs):
-        idx = torch.tensor(todo[i: i + bs])
+    bar = tqdm(total=sum(map(len, todo)), desc=f"a[{method.name}]", unit="target", dynamic_ncols=True)
+    for block in todo:
+        idx = torch.tensor(block)
         t0 = time.time()
         out = method.score(x[idx], None if labels is None else labels[idx], idx)
         scores, infos = out if isinstance(out, tuple) else (out, [{} for _ in idx])

@@ -1,0 +1,319 @@
+"""Slurm launcher (mucs/launch.py): grid planning, resources and dependency wiring without a cluster; then the
+digits pipeline on the real local Slurm cluster (tests/slurm_cluster.py) against a local run, bit for bit.
+
+The cluster tests run their jobs with one torch thread (launcher.setup) and the local references likewise:
+two spinning OpenMP threads per process on a shared 2-core machine are many times slower, not faster."""
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY
+from mucs import config as C
+from mucs import launch as L
+from mucs.attrib.base import blocks
+from mucs.cli import run_pipeline
+from mucs.errors import UserError
+from mucs.stages import ORDER
+
+RUN = "digits_dit_edm_s1_k2.0_na3_sb0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a cluster
+
+
+def test_grid_shares_pre_stages_between_methods():
+    units = L.plan_grid(["j1", "j2"], ["random", "mucs", "pixel"], [1, 2], ORDER)
+    pre = [u for u in units if not u.after_pre]
+    assert [(u.job, u.seed, u.stages) for u in pre] == [(j, s, ("tpre", "gpre")) for j in ("j1", "j2") for s in (1, 2)]
+    post = [u for u in units if u.after_pre]
+    assert sorted((u.job, u.seed, u.method) for u in post) == sorted(
+        (j, s, m) for j in ("j1", "j2") for s in (1, 2) for m in ("random", "mucs", "pixel"))
+    assert all(u.stages == ("a", "tpost", "gpost") for u in post)
+    for u in post:  # every post unit comes after the pre unit it waits for
+        first = next(i for i, p in enumerate(units) if p in pre and (p.job, p.seed) == (u.job, u.seed))
+        assert first < units.index(u)
+    only_post = L.plan_grid(["j1"], ["mucs"], [3], ["a", "gpost"])
+    assert only_post == [L.Unit("j1", 3, "mucs", ("a", "gpost"), False)]
+    assert L.parse_list("1-3,5", "seeds") == [1, 2, 3, 5]
+    with pytest.raises(UserError, match="unknown nope"):
+        L.parse_list("random,nope", "methods", C.options("attrib"))
+
+
+def test_grid_dry_run_prints_the_grid_and_submits_nothing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(L, "make_executor", lambda *a: pytest.fail("a dry run submitted"))
+    assert L.grid_main(["--jobs=digits_dit_edm", "--methods=random,pixel", "--seeds=1,2", "--dry_run",
+                        "--num_attrib=5", f"paths.logs={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "2 + 4 submissions" in out
+    assert out.count("tpre,gpre") == 2 and out.count("a,tpost,gpost  after pre") == 4
+    assert "digits_dit_edm_s2_k2.0_na5_sb0  post_pixel" in out
+
+
+def test_resources_per_stage_from_config_and_overrides():
+    cfg = C.compose(["launcher=slurm", "launcher.partition=gpu", "launcher.stages.a.timeout_min=600",
+                     "launcher.additional={exclude: n1}", "launcher.stages.tpre.additional={nice: 5}",
+                     "launcher.setup=[module load cuda]"])
+    a, tpre, merge = (L.resources(cfg.launcher, s) for s in ("a", "tpre", "merge"))
+    assert a["timeout_min"] == 600 and tpre["timeout_min"] == 1440 and merge["timeout_min"] == 60
+    assert a["slurm_partition"] == tpre["slurm_partition"] == "gpu" and a["gpus_per_node"] == 1
+    assert "gpus_per_node" not in merge  # 0 GPUs: no --gpus-per-node at all
+    assert tpre["slurm_additional_parameters"] == {"exclude": "n1", "nice": 5, "kill_on_invalid_dep": "yes"}
+    assert a["slurm_additional_parameters"] == {"exclude": "n1", "kill_on_invalid_dep": "yes"}
+    assert tpre["slurm_setup"] == ["module load cuda"]
+    assert "slurm_account" not in a  # null: not passed, the cluster's default
+    # the jobs re-compose the config without the launcher and independently of the submitting shell
+    ov = L.job_overrides(cfg, ["launcher=slurm", "launcher.partition=gpu", "seed=3"])
+    assert ov[-1] == "launcher=local" and "seed=3" in ov and not any("gpu" in o for o in ov)
+    assert C.compose(ov).paths.pointer_to == cfg.paths.pointer_to
+
+
+class FakeExecutor:
+    """Stands in for submitit: records what would be submitted, with increasing job ids."""
+    submitted, next_id = [], [100]
+
+    def __init__(self, folder, lc):
+        self.folder, self.params = folder, {}
+
+    def update_parameters(self, **kw):
+        self.params.update(kw)
+
+    def _job(self, call, suffix=""):
+        job = type("Job", (), {"job_id": f"{self.next_id[0]}{suffix}"})()
+        self.submitted.append(dict(call=call, id=job.job_id, **self.params))
+        return job
+
+    def submit(self, call):
+        job = self._job(call)
+        self.next_id[0] += 1
+        return job
+
+    def submit_array(self, calls):
+        jobs = [self._job(c, f"_{i}") for i, c in enumerate(calls)]
+        self.next_id[0] += 1
+        return jobs
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch):
+    FakeExecutor.submitted.clear()
+    states = {}
+    monkeypatch.setattr(L, "make_executor", FakeExecutor)
+    monkeypatch.setattr(L, "slurm_states", lambda ids: {j: s for j, s in states.items()
+                                                         if j.split("_")[0] in {i.split("_")[0] for i in ids}})
+    return FakeExecutor.submitted, states
+
+
+def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
+    submitted, states = fake_slurm
+    assert run_pipeline(["--launcher=slurm", "launcher.a_shards=3", "launcher.stages.tpost.timeout_min=7"] + tiny) == 0
+    out = capsys.readouterr().out
+    by = {(s["call"].stage, s["call"].shard): s for s in submitted}
+    assert len(submitted) == 1 + 1 + 3 + 1 + 1 + 1
+    dep = lambda key: by[key].get("slurm_dependency")
+    t, g = by["tpre", (0, 1)]["id"], by["gpre", (0, 1)]["id"]
+    assert dep(("tpre", (0, 1))) is None and dep(("gpre", (0, 1))) == f"afterok:{t}"
+    shards = [by["a", (i, 3)] for i in range(3)]
+    assert [s["id"] for s in shards] == ["102_0", "102_1", "102_2"]
+    assert all(s["slurm_dependency"] == f"afterok:{t}:{g}" for s in shards)
+    assert dep(("a", (-1, 3))) == "afterok:102" and "gpus_per_node" not in by["a", (-1, 3)]  # merge after the array
+    merge = by["a", (-1, 3)]["id"]
+    assert dep(("tpost", (0, 1))) == f"afterok:{merge}" and by["tpost", (0, 1)]["timeout_min"] == 7
+    assert dep(("gpost", (0, 1))) == f"afterok:{by['tpost', (0, 1)]['id']}:{g}"
+    assert f"tpre  job {t}" in out and "jobs 102_[0-2] (3 shards) + merge" in out and f"{RUN}--slurm" in out
+    call = by["tpre", (0, 1)]["call"]
+    assert call.overrides[-1] == "launcher=local" and not any("a_shards" in o for o in call.overrides)
+    again = call.checkpoint().function  # what a requeue runs: a fresh instance of the same stage
+    assert again is not call and (again.overrides, again.stage, again.shard) == (call.overrides, "tpre", (0, 1))
+
+    logs = Path(next(o for o in tiny if o.startswith("paths.logs=")).split("=", 1)[1])
+    # status: live jobs pending/running, a failed one names its log, a never-started dependant is cancelled
+    states.update({t: "COMPLETED", g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
+    rows = {(r["kind"], r["stage"]): r for r in L.status(logs, "sb0")}
+    assert [rows["pre", s]["status"] for s in ("tpre", "gpre")] == ["failed", "running"]  # completed, no manifest
+    assert rows["post_random", "a"]["status"] == "pending"
+    log = Path(logs / f"{RUN}--slurm" / f"{g}_0_log.err")
+    log.write_text("Traceback ...\nUserError: boom\n")
+    states.update({g: "FAILED", "102_0": "CANCELLED", "102_[1-2]": "CANCELLED", merge: "CANCELLED"})
+    rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+    assert rows["pre", "gpre"]["status"] == "failed" and rows["pre", "gpre"]["log"] == log
+    assert rows["post_random", "a"]["status"] == "cancelled" and rows["post_random", "a"]["log"] is None
+    assert L.status(logs, "no-such-run") == []
+
+    # a second submission waits for live jobs of earlier ones instead of submitting their stages again
+    submitted.clear()
+    states.update({g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
+    assert run_pipeline(["--launcher=slurm", "--attrib=random", "--what=a,tpost"] + tiny) == 0
+    assert [(s["call"].stage, s.get("slurm_dependency")) for s in submitted] == [("tpost", f"afterok:{merge}")]
+    assert "already queued as job" in capsys.readouterr().out
+    submitted.clear()
+    states[t] = "RUNNING"
+    assert run_pipeline(["--launcher=slurm", "--attrib=pixel", "--what=a"] + tiny) == 0  # other method, same pre
+    assert [(s["call"].stage, s.get("slurm_dependency")) for s in submitted] == [("a", f"afterok:{t}:{g}")]
+    with pytest.raises(UserError, match="needs .*post_pixel/model-best.safetensors, which is missing; run --what=tpost"):
+        L.submit_stages(C.compose(tiny + ["launcher=slurm", "attrib=pixel"]), ["gpost"], tiny)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the real local cluster
+
+ONE_THREAD = 'launcher.setup=["export OMP_NUM_THREADS=1"]'
+CLUSTER = ["--launcher=slurm", "launcher.partition=debug", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1",
+           "launcher.mem_gb=1", "launcher.timeout_min=5", ONE_THREAD]
+TERMINAL = ("done", "failed", "cancelled")
+
+
+@contextlib.contextmanager
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def over(logs, data_root, *extra):
+    return TINY + [f"paths.data={data_root}", f"paths.logs={logs}", f"paths.cache={logs}/cache", *extra]
+
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory, data_root):
+    """The whole tiny pipeline run locally (random)."""
+    logs = tmp_path_factory.mktemp("local") / "logs"
+    with one_thread():
+        assert run_pipeline(["--attrib=random"] + over(logs, data_root)) == 0
+    return logs
+
+
+def settle(cluster, logs, stages, timeout=150):
+    """Poll the status command until every (kind, stage) in `stages` is done, failed or cancelled."""
+    def ready():
+        rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+        return rows if all(k in rows and rows[k]["status"] in TERMINAL for k in stages) else None
+    return cluster.wait_until(ready, timeout=timeout, interval=0.5, what=f"stages {stages} in {logs} to finish")
+
+
+def same_files(a, b, names):
+    for n in names:
+        ta, tb = load_file(str(Path(a) / n)), load_file(str(Path(b) / n))
+        assert ta.keys() == tb.keys(), n
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{n}:{k} differs"
+
+
+WEIGHTS = ("model-best.safetensors", "model-last.safetensors")
+
+
+@pytest.mark.slurm
+def test_pipeline_on_slurm_equals_local_run(slurm_cluster, local_ref, tmp_path, data_root, capsys):
+    logs = tmp_path / "logs"
+    assert run_pipeline(["--attrib=random", "launcher.a_shards=2"] + CLUSTER + over(logs, data_root)) == 0
+    out = capsys.readouterr().out
+    assert "(2 shards) + merge" in out and f"{RUN}--slurm" in out
+    rows = settle(slurm_cluster, logs, [("pre", "tpre"), ("pre", "gpre"), ("post_random", "a"),
+                                        ("post_random", "tpost"), ("post_random", "gpost")])
+    assert {r["status"] for r in rows.values()} == {"done"}, rows
+    pre, post = f"{RUN}--pre", f"{RUN}--post_random"
+    same_files(logs / pre, local_ref / pre, WEIGHTS + ("samples.safetensors",))
+    same_files(logs / post, local_ref / post, WEIGHTS + ("samples.safetensors", "attrib.safetensors"))
+    assert len(list((logs / post / "attrib-parts").glob("t*.safetensors"))) == 3  # (one block: shard 0 scores all)
+
+
+@pytest.mark.slurm
+def test_sharded_attribution_equals_unsharded(slurm_cluster, local_ref, tmp_path, data_root):
+    """150 targets of pixel (batches of 64): three shards score blocks 64 + 64 + 22 side by side."""
+    assert [len(b) for i in range(3) for b in blocks(150, 64, (i, 3))] == [64, 64, 22]
+    targets = tmp_path / "targets.safetensors"
+    save_file({"images": torch.rand(150, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1}, str(targets))
+    args = ["--what=a", "--attrib=pixel", f"targets={targets}"]
+    for name in ("local", "logs"):
+        shutil.copytree(local_ref / f"{RUN}--pre", tmp_path / name / f"{RUN}--pre")
+    with one_thread():
+        assert run_pipeline(args + over(tmp_path / "local", data_root)) == 0
+    logs = tmp_path / "logs"
+    assert run_pipeline(args + ["launcher.a_shards=3"] + CLUSTER + over(logs, data_root)) == 0
+    rows = settle(slurm_cluster, logs, [("post_pixel", "a")])
+    assert rows["post_pixel", "a"]["status"] == "done", rows
+    same_files(logs / f"{RUN}--post_pixel", tmp_path / "local" / f"{RUN}--post_pixel", ("attrib.safetensors",))
+    rec = L.read_records(logs / f"{RUN}--slurm")["post_pixel", "a"]
+    assert len(rec["jobs"]) == 4 and len({j.split("_")[0] for j in rec["jobs"][:3]}) == 1  # one array + merge
+    slurm_cluster.wait_until(lambda: all(r["State"] == "COMPLETED" for j in rec["jobs"] for r in slurm_cluster.sacct(j)),
+                             timeout=30, what="the shard and merge jobs to be COMPLETED in accounting")
+
+
+@pytest.mark.slurm
+def test_failing_stage_stops_its_dependants_and_status_names_the_log(slurm_cluster, local_ref, tmp_path, data_root,
+                                                                       capsys):
+    logs = tmp_path / "logs"
+    shutil.copytree(local_ref / f"{RUN}--pre", logs / f"{RUN}--pre")
+    # more ids to remove than there are training items: the attribution job raises
+    assert run_pipeline(["--what=a,tpost,gpost", "--attrib=pixel", "num_removal=100000"] + CLUSTER
+                        + over(logs, data_root)) == 0
+    stages = [("post_pixel", s) for s in ("a", "tpost", "gpost")]
+    rows = settle(slurm_cluster, logs, stages)
+    assert [rows[k]["status"] for k in stages] == ["failed", "cancelled", "cancelled"], rows
+    log = rows["post_pixel", "a"]["log"]
+    assert "num_removal 100000 is not smaller than the training set" in Path(log).read_text()
+    for stage in ("tpost", "gpost"):
+        (job,) = L.read_records(logs / f"{RUN}--slurm")["post_pixel", stage]["jobs"]
+        (row,) = slurm_cluster.sacct(job, "JobID,State,NodeList")
+        assert row["State"].startswith("CANCELLED") and row["NodeList"] == "None assigned", row  # never ran
+    assert not (logs / f"{RUN}--post_pixel" / "model-best.safetensors").exists()
+    capsys.readouterr()
+    assert L.status_main(["--logs", str(logs), RUN]) == 0
+    out = capsys.readouterr().out
+    assert f"failed    job {Path(log).name.split('_0_log')[0]} (FAILED): read {log}" in out
+    assert "tpost cancelled" in out and "gpost cancelled" in out
+
+
+def _scontrol(*args):
+    subprocess.run(["scontrol", *args], check=True, capture_output=True)
+
+
+def _steps(job):
+    """The job's steps still alive (the batch script, submitit's python): a requeued job may start again only
+    once its first run has ended."""
+    return subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.slurm
+def test_interrupted_training_resumes_with_identical_weights(slurm_cluster, tmp_path, data_root):
+    """tpre is first preempted (USR2: submitit's checkpoint() requeues it), then cancelled mid-way (scancel) and
+    submitted again: it resumes from train-state.pt and ends with the weights of an uninterrupted local run."""
+    long = ["train.steps=600", "train.epoch_steps=100", "train.ckpt_every=2"]
+    with one_thread():
+        assert run_pipeline(["--what=tpre"] + over(tmp_path / "ref", data_root, *long)) == 0
+    logs = tmp_path / "logs"
+    args = ["--what=tpre"] + CLUSTER + over(logs, data_root, *long)
+    assert run_pipeline(args) == 0
+    (job,) = L.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
+    state = logs / f"{RUN}--pre" / "train-state.pt"
+    step = lambda: torch.load(state, weights_only=True)["step"] if state.exists() else 0
+    wait = slurm_cluster.wait_until
+    wait(lambda: step() > 0, timeout=60, interval=0.1, what="a first training state")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what Slurm sends before a time limit
+    wait(lambda: L.slurm_states([job]).get(job) == "PENDING" and not _steps(job), timeout=30,
+         what="the requeued job, its first run gone")
+    at_requeue = step()
+    _scontrol("update", f"JobId={job}", "StartTime=now")  # skip Slurm's 2-minute hold of requeued jobs
+    wait(lambda: step() > at_requeue, timeout=60, interval=0.1, what="the requeued job to train on")
+    subprocess.run(["scancel", job], check=True)
+    wait(lambda: L.slurm_states([job]).get(job) == "CANCELLED", timeout=60, what="the cancelled job")
+    at_cancel = step()
+    assert 0 < at_cancel < 600 and not (state.parent / "tpre.manifest.json").exists(), "finished before the cancel"
+    rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+    assert rows["pre", "tpre"]["status"] == "failed" and "CANCELLED" in rows["pre", "tpre"]["job"]
+
+    assert run_pipeline(args) == 0  # the same command again
+    rows = settle(slurm_cluster, logs, [("pre", "tpre")])
+    assert rows["pre", "tpre"]["status"] == "done", rows
+    (again,) = L.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
+    assert again != job
+    assert f"resuming from {state}" in (logs / f"{RUN}--slurm" / f"{again}_0_log.out").read_text()
+    same_files(logs / f"{RUN}--pre", tmp_path / "ref" / f"{RUN}--pre", WEIGHTS)

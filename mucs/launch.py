@@ -162,6 +162,21 @@ def wiring(job, names, waiting):
     return rows
 
 
+def a_shards(cfg):
+    """launcher.a_shards, but no more than the batches of targets the method scores (see attrib.base.blocks):
+    further shards would have nothing to do."""
+    from mucs.attrib.base import get_method
+
+    n, bs = int(cfg.launcher.a_shards), max(1, get_method(cfg.attrib.name).batch_targets)
+    if cfg.targets or n <= 1:  # the user's targets are counted only when loaded
+        return max(n, 1)
+    cap = -(-int(cfg.num_attrib) // bs)
+    if n > cap:
+        print(f"  (launcher.a_shards={n} capped to {cap}: {cfg.attrib.name} scores its {cfg.num_attrib} targets "
+              f"in batches of {bs})")
+    return min(n, cap)
+
+
 def submit_stages(cfg, names, overrides, after=None):
     """Submit the stages `names` of one job; returns {stage: [job ids its dependants wait for]}, including stages
     queued by earlier submissions and `after` (stage -> job ids, e.g. the pre stages of a grid)."""
@@ -186,7 +201,7 @@ def submit_stages(cfg, names, overrides, after=None):
             print(f"  {n:5s} already queued as job {', '.join(deps)}")
             continue
         after_ids = [i for d in deps for i in (out[d] if d in out else [d])]
-        name, shards = f"{n}:{run}", int(lc.a_shards) if n == "a" else 1
+        name, shards = f"{n}:{run}", a_shards(cfg) if n == "a" else 1
         if shards > 1:  # map over shards, then reduce once all of them succeeded
             ids = sbatch(lc, folder, "a", [StageJob(ov, n, (i, shards)) for i in range(shards)], after_ids, name)
             array = ids[0].split("_")[0]

@@ -111,7 +111,8 @@ def fake_slurm(monkeypatch):
 
 def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     submitted, states = fake_slurm
-    assert run_pipeline(["--launcher=slurm", "launcher.a_shards=3", "launcher.stages.tpost.timeout_min=7"] + tiny) == 0
+    assert run_pipeline(["--launcher=slurm", "--attrib=mucs", "launcher.a_shards=5", "launcher.stages.tpost.timeout_min=7"]
+                        + tiny) == 0
     out = capsys.readouterr().out
     by = {(s["call"].stage, s["call"].shard): s for s in submitted}
     assert len(submitted) == 1 + 1 + 3 + 1 + 1 + 1
@@ -126,6 +127,7 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     assert dep(("tpost", (0, 1))) == f"afterok:{merge}" and by["tpost", (0, 1)]["timeout_min"] == 7
     assert dep(("gpost", (0, 1))) == f"afterok:{by['tpost', (0, 1)]['id']}:{g}"
     assert f"tpre  job {t}" in out and "jobs 102_[0-2] (3 shards) + merge" in out and f"{RUN}--slurm" in out
+    assert "a_shards=5 capped to 3: mucs scores its 3 targets in batches of 1" in out
     call = by["tpre", (0, 1)]["call"]
     assert call.overrides[-1] == "launcher=local" and not any("a_shards" in o for o in call.overrides)
     again = call.checkpoint().function  # what a requeue runs: a fresh instance of the same stage
@@ -136,19 +138,19 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     states.update({t: "COMPLETED", g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
     rows = {(r["kind"], r["stage"]): r for r in L.status(logs, "sb0")}
     assert [rows["pre", s]["status"] for s in ("tpre", "gpre")] == ["failed", "running"]  # completed, no manifest
-    assert rows["post_random", "a"]["status"] == "pending"
+    assert rows["post_mucs", "a"]["status"] == "pending"
     log = Path(logs / f"{RUN}--slurm" / f"{g}_0_log.err")
     log.write_text("Traceback ...\nUserError: boom\n")
     states.update({g: "FAILED", "102_0": "CANCELLED", "102_[1-2]": "CANCELLED", merge: "CANCELLED"})
     rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
     assert rows["pre", "gpre"]["status"] == "failed" and rows["pre", "gpre"]["log"] == log
-    assert rows["post_random", "a"]["status"] == "cancelled" and rows["post_random", "a"]["log"] is None
+    assert rows["post_mucs", "a"]["status"] == "cancelled" and rows["post_mucs", "a"]["log"] is None
     assert L.status(logs, "no-such-run") == []
 
     # a second submission waits for live jobs of earlier ones instead of submitting their stages again
     submitted.clear()
     states.update({g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
-    assert run_pipeline(["--launcher=slurm", "--attrib=random", "--what=a,tpost"] + tiny) == 0
+    assert run_pipeline(["--launcher=slurm", "--attrib=mucs", "--what=a,tpost"] + tiny) == 0
     assert [(s["call"].stage, s.get("slurm_dependency")) for s in submitted] == [("tpost", f"afterok:{merge}")]
     assert "already queued as job" in capsys.readouterr().out
     submitted.clear()
@@ -215,14 +217,13 @@ def test_pipeline_on_slurm_equals_local_run(slurm_cluster, local_ref, tmp_path, 
     logs = tmp_path / "logs"
     assert run_pipeline(["--attrib=random", "launcher.a_shards=2"] + CLUSTER + over(logs, data_root)) == 0
     out = capsys.readouterr().out
-    assert "(2 shards) + merge" in out and f"{RUN}--slurm" in out
+    assert "capped to 1" in out and f"{RUN}--slurm" in out  # 3 targets: one batch of random's 64
     rows = settle(slurm_cluster, logs, [("pre", "tpre"), ("pre", "gpre"), ("post_random", "a"),
                                         ("post_random", "tpost"), ("post_random", "gpost")])
     assert {r["status"] for r in rows.values()} == {"done"}, rows
     pre, post = f"{RUN}--pre", f"{RUN}--post_random"
     same_files(logs / pre, local_ref / pre, WEIGHTS + ("samples.safetensors",))
     same_files(logs / post, local_ref / post, WEIGHTS + ("samples.safetensors", "attrib.safetensors"))
-    assert len(list((logs / post / "attrib-parts").glob("t*.safetensors"))) == 3  # (one block: shard 0 scores all)
 
 
 @pytest.mark.slurm

@@ -41,31 +41,33 @@ LIVE = WAITING | {"RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED
 
 class StageJob(Checkpointable):
     """One stage of one job (one shard of `a`, or its merge when shard is (-1, n)), run inside a Slurm job.
-    A pure function of its overrides: the config is re-composed here, not pickled."""
+    A pure function of its overrides: the config is re-composed here, not pickled. will_run: the stages of
+    its submission (as for a local run of the same command)."""
 
-    def __init__(self, overrides, stage, shard=(0, 1), cleared=False):
-        self.overrides, self.stage, self.shard, self.cleared = list(overrides), stage, tuple(shard), cleared
+    def __init__(self, overrides, stage, shard=(0, 1), will_run=(), resume=False):
+        self.overrides, self.stage, self.shard = list(overrides), stage, tuple(shard)
+        self.will_run, self.resume, self.manifest = tuple(will_run), resume, None
 
     def __call__(self):
         from mucs import stages as S
 
         cfg = C.compose(self.overrides)
+        if self.resume:
+            cfg.force = False
         job = S.Job(cfg)
-        if cfg.force and not self.cleared:  # --force clears once; a requeued instance resumes instead
-            if job.world.main:
-                S.clear_progress(job, S.STAGES[self.stage], self.shard)
-            job.world.barrier()
-            self.cleared = True
-        cfg.force = False
+        self.manifest = S.manifest_path(job, S.STAGES[self.stage])
         try:
-            S.run_stage(job, self.stage, **(dict(shard=self.shard) if self.stage == "a" else {}))
+            S.run_stage(job, self.stage, will_run=self.will_run, **(dict(shard=self.shard) if self.stage == "a" else {}))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise
 
     def checkpoint(self, *args, **kwargs):
+        """Called by submitit on a time limit or preemption: requeue a fresh instance. --force removes the
+        stage's manifest before redoing it; once it is gone, the requeued job resumes instead of starting over."""
+        resume = self.resume or (self.manifest is not None and not self.manifest.exists())
         print(f"[slurm] {self.stage}: time limit or preemption; requeued, it resumes from its files", flush=True)
-        return DelayedSubmission(StageJob(self.overrides, self.stage, self.shard, self.cleared))
+        return DelayedSubmission(StageJob(self.overrides, self.stage, self.shard, self.will_run, resume))
 
 
 def job_overrides(cfg, overrides):
@@ -203,12 +205,13 @@ def submit_stages(cfg, names, overrides, after=None):
         after_ids = [i for d in deps for i in (out[d] if d in out else [d])]
         name, shards = f"{n}:{run}", a_shards(cfg) if n == "a" else 1
         if shards > 1:  # map over shards, then reduce once all of them succeeded
-            ids = sbatch(lc, folder, "a", [StageJob(ov, n, (i, shards)) for i in range(shards)], after_ids, name)
+            calls = [StageJob(ov, n, (i, shards), names) for i in range(shards)]
+            ids = sbatch(lc, folder, "a", calls, after_ids, name)
             array = ids[0].split("_")[0]
-            wait = sbatch(lc, folder, "merge", [StageJob(ov, n, (-1, shards))], [array], f"merge:{run}")
+            wait = sbatch(lc, folder, "merge", [StageJob(ov, n, (-1, shards), names)], [array], f"merge:{run}")
             ids, shown = ids + wait, f"jobs {array}_[0-{shards - 1}] ({shards} shards) + merge {wait[0]}"
         else:
-            ids = wait = sbatch(lc, folder, n, [StageJob(ov, n)], after_ids, name)
+            ids = wait = sbatch(lc, folder, n, [StageJob(ov, n, will_run=names)], after_ids, name)
             shown = f"job {ids[0]}"
         write_json(record_path(sdir, kind_of(n, cfg.attrib.name), n), dict(
             stage=n, run=run, jobs=ids, wait=wait, logs=str(folder), after=after_ids, overrides=ov,

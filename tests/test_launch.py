@@ -130,8 +130,12 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     assert "a_shards=5 capped to 3: mucs scores its 3 targets in batches of 1" in out
     call = by["tpre", (0, 1)]["call"]
     assert call.overrides[-1] == "launcher=local" and not any("a_shards" in o for o in call.overrides)
+    assert call.will_run == tuple(ORDER)
     again = call.checkpoint().function  # what a requeue runs: a fresh instance of the same stage
     assert again is not call and (again.overrides, again.stage, again.shard) == (call.overrides, "tpre", (0, 1))
+    assert not again.resume  # interrupted before it looked at its folder: a --force must still clear it
+    call.manifest = Path("/nonexistent/tpre.manifest.json")  # --force removed it: resume, do not clear again
+    assert call.checkpoint().function.resume
 
     logs = Path(next(o for o in tiny if o.startswith("paths.logs=")).split("=", 1)[1])
     # status: live jobs pending/running, a failed one names its log, a never-started dependant is cancelled

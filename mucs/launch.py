@@ -57,7 +57,8 @@ class StageJob(Checkpointable):
         job = S.Job(cfg)
         self.manifest = S.manifest_path(job, S.STAGES[self.stage])
         try:
-            S.run_stage(job, self.stage, will_run=self.will_run, **(dict(shard=self.shard) if self.stage == "a" else {}))
+            kw = dict(shard=self.shard) if self.stage == "a" else {}
+            S.run_stage(job, self.stage, will_run=self.will_run, **kw)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise

@@ -111,8 +111,8 @@ def fake_slurm(monkeypatch):
 
 def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     submitted, states = fake_slurm
-    assert run_pipeline(["--launcher=slurm", "--attrib=mucs", "launcher.a_shards=5", "launcher.stages.tpost.timeout_min=7"]
-                        + tiny) == 0
+    assert run_pipeline(["--launcher=slurm", "--attrib=mucs", "launcher.a_shards=5",
+                         "launcher.stages.tpost.timeout_min=7"] + tiny) == 0
     out = capsys.readouterr().out
     by = {(s["call"].stage, s["call"].shard): s for s in submitted}
     assert len(submitted) == 1 + 1 + 3 + 1 + 1 + 1
@@ -161,7 +161,7 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     states[t] = "RUNNING"
     assert run_pipeline(["--launcher=slurm", "--attrib=pixel", "--what=a"] + tiny) == 0  # other method, same pre
     assert [(s["call"].stage, s.get("slurm_dependency")) for s in submitted] == [("a", f"afterok:{t}:{g}")]
-    with pytest.raises(UserError, match="needs .*post_pixel/model-best.safetensors, which is missing; run --what=tpost"):
+    with pytest.raises(UserError, match="needs .*post_pixel/model-best.safetensors, which is missing; run --what=tp"):
         L.submit_stages(C.compose(tiny + ["launcher=slurm", "attrib=pixel"]), ["gpost"], tiny)
 
 
@@ -248,8 +248,8 @@ def test_sharded_attribution_equals_unsharded(slurm_cluster, local_ref, tmp_path
     same_files(logs / f"{RUN}--post_pixel", tmp_path / "local" / f"{RUN}--post_pixel", ("attrib.safetensors",))
     rec = L.read_records(logs / f"{RUN}--slurm")["post_pixel", "a"]
     assert len(rec["jobs"]) == 4 and len({j.split("_")[0] for j in rec["jobs"][:3]}) == 1  # one array + merge
-    slurm_cluster.wait_until(lambda: all(r["State"] == "COMPLETED" for j in rec["jobs"] for r in slurm_cluster.sacct(j)),
-                             timeout=30, what="the shard and merge jobs to be COMPLETED in accounting")
+    completed = lambda: all(r["State"] == "COMPLETED" for j in rec["jobs"] for r in slurm_cluster.sacct(j))
+    slurm_cluster.wait_until(completed, timeout=30, what="the shard and merge jobs to be COMPLETED in accounting")
 
 
 @pytest.mark.slurm

@@ -31,7 +31,8 @@ class Parser(argparse.ArgumentParser):
 def pipeline_args(argv):
     p = Parser(prog="pipeline.py", description="Run stages of the counterfactual attribution pipeline. "
                "Extra key=value arguments are Hydra overrides (e.g. train.steps=500).")
-    p.add_argument("--what", default="tpre,gpre,a,tpost,gpost", help="comma-separated stages: tpre,gpre,a,tpost,gpost")
+    p.add_argument("--what", default="tpre,gpre,a,tpost,gpost",
+                   help="comma-separated stages: tpre,gpre,a,tpost,gpost, and lds (the LDS benchmark)")
     p.add_argument("--job", help="job preset in configs/job (dataset + model + recipe)")
     p.add_argument("--seed", "--data_seed", dest="seed", type=int, help="training seed of the job")
     p.add_argument("--attrib", help="attribution method in configs/attrib")
@@ -45,7 +46,8 @@ def pipeline_args(argv):
     p.add_argument("--no_exec", action="store_true", help="print the plan of stages with inputs and outputs; run nothing")
     p.add_argument("--launcher", help="local (default) or slurm")
     p.add_argument("--sbatch", action="store_true", help="the published spelling of --launcher=slurm")
-    p.add_argument("--shard", help="i/n: attribute only blocks i, i+n, ... of the targets (used by Slurm arrays); -1/n merges")
+    p.add_argument("--shard", help="i/n: attribute only blocks i, i+n, ... of the targets (`a`), or train and measure "
+                   "only units i, i+n, ... of the LDS models (`lds`); used by Slurm arrays; -1/n merges")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if r.startswith("-")]
     if bad:
@@ -96,9 +98,12 @@ def pipeline_main(argv):
     if job.world.main:
         print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}"
               f"{f' x {job.world.size} processes' if job.world.size > 1 else ''}; runs in {job.pre.parent}")
+    lds_done = "lds" in names and S.is_done(job, S.STAGES["lds"]) and not cfg.force
     for n in names:
-        kw = dict(shard=shard) if n == "a" else {}
+        kw = dict(shard=shard) if n in S.SHARDED else {}
         S.run_stage(job, n, will_run=names, **kw)
+    if lds_done and job.world.main and (shard[1] == 1 or shard[0] == -1):
+        S.lds.show(job)  # skipped as done: its table still takes in the methods attributed since
     return 0
 
 
@@ -119,6 +124,10 @@ def print_plan(job, names):
     print(f"  sample: {s.solver} {s.num_steps} steps, {s.discretization} ladder, guidance {s.guidance}, "
           f"{'last' if cfg.use_last_ckpt else 'best'} EMA weights; precision {cfg.precision.autocast}, "
           f"{job.world.size} process(es)")
+    if "lds" in names:
+        lc = cfg.lds
+        print(f"  lds: {lc.num_subsets} subsets of {lc.alpha:.0%} x {lc.num_seeds} seeds = {lc.num_subsets * lc.num_seeds} "
+              f"models of {lc.steps or t.steps} updates; {lc.num_noises} fixed noises per query")
     for stage, status, ins, outs in S.plan(job, names):
         print(f"  [{status:4s}] {stage.name:5s} in: {', '.join(ins) or '-'}")
         print(f"               out: {', '.join(outs)}")

@@ -18,6 +18,7 @@ import torch
 
 from mucs import config as C
 from mucs import distributed
+from mucs import lds
 from mucs.attrib.base import ATTRIB, Context, attribute, get_method, load_attrib, merge
 from mucs.data import ensure_dataset, load_split, remove_ids, subsample
 from mucs.errors import UserError
@@ -27,6 +28,8 @@ from mucs.model import labels_of, load_denoiser
 from mucs.train import train
 
 ORDER = ["tpre", "gpre", "a", "tpost", "gpost"]
+EXTRA = ["lds"]  # stages outside the counterfactual pipeline: run only when named in --what, after it
+SHARDED = ("a", "lds")  # stages that take --shard i/n (their parts side by side) and -1/n (the merge)
 
 
 def resolve_device(name, world=distributed.World()):
@@ -171,6 +174,8 @@ STAGES = {s.name: s for s in [
           lambda j: [(j.post / ATTRIB, "a")], ("data", "model", "train", "seed", "subsample")),
     Stage("gpost", run_gpost, lambda j: j.post, (SAMPLES,),
           lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
+    Stage("lds", lds.run, lds.folder, (lds.OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")],
+          ("data", "model", "train", "seed", "subsample", "lds", "use_last_ckpt")),
 ]}
 DATA_PARALLEL = ("tpre", "tpost")  # stages every process of a data-parallel world runs; rank 0 runs the others
 
@@ -211,8 +216,8 @@ def parse_what(what):
     names = [w.strip() for w in str(what).split(",") if w.strip()]
     bad = [w for w in names if w not in STAGES]
     if bad or not names:
-        raise UserError(f"unknown stage {', '.join(bad) or repr(what)} in --what; stages are {','.join(ORDER)}")
-    return [s for s in ORDER if s in names]
+        raise UserError(f"unknown stage {', '.join(bad) or repr(what)} in --what; stages are {','.join(ORDER + EXTRA)}")
+    return [s for s in ORDER + EXTRA if s in names]
 
 
 def plan(job, names):
@@ -248,8 +253,8 @@ def run_stage(job, name, will_run=(), **kw):
     job.world.barrier()  # the others start from what rank 0 cleared
     if job.world.main or name in DATA_PARALLEL:
         s.run(job, **kw)
-    if job.world.main and not (name == "a" and kw.get("shard", (0, 1))[1] > 1 and kw["shard"][0] != -1):
-        write_manifest(job, s, time.time() - t0)  # (an attribution shard's manifest is the reduce step's)
+    if job.world.main and not (name in SHARDED and kw.get("shard", (0, 1))[1] > 1 and kw["shard"][0] != -1):
+        write_manifest(job, s, time.time() - t0)  # (a shard's manifest is the reduce step's)
         print(f"[{name}] done in {time.time() - t0:.1f} s -> {s.folder(job)}")
     job.world.barrier()  # the next stage reads this one's outputs
 
@@ -268,4 +273,6 @@ def clear_progress(job, s, shard=(0, 1)):
         for p in (d / "attrib-parts").glob("t*.safetensors"):
             if int(p.stem[1:]) // bs % shard[1] == shard[0]:  # its block is this shard's (attrib.base.blocks)
                 p.unlink(missing_ok=True)
+    if s.name == "lds":
+        lds.clear(job, shard)
     manifest_path(job, s).unlink(missing_ok=True)

@@ -1,0 +1,258 @@
+"""Linear datamodeling score (LDS; Park et al. 2023, the benchmark of D-TRAK, DAS and dattri).
+
+  1. M random subsets S_i of a fraction alpha of the training split (seeded by lds.subset_seed), S models
+     per subset, each a resumable training of its own in <run>--lds/m<i>_s<j>/ (seed: the job's seed + j).
+  2. Every query x (gpre's targets, the images the methods attributed) measured under every model with one
+     fixed set of K (sigma, noise) pairs, the same for all queries and models:
+         f(x; S_i) = - mean_k L(x; sigma_k, eps_k),   averaged over the S seeds of subset i.
+  3. For a method's scores tau(x, j) (higher = j more responsible for x) the linear datamodel predicts
+         g(x; S_i) = sum_{j in S_i} tau(x, j);
+     LDS(x) = Spearman_i(g(x; S_i), f(x; S_i)), averaged over queries, with a bootstrap interval over them.
+
+The measured output is MINUS the loss (higher = x more likely under the model), the D-TRAK convention for
+scores where a high tau(x, j) means "training on j makes x likely": a method that predicts which subsets fit
+x best scores LDS near 1, random scores near 0. `--shard i/n` trains and measures units k = i, i+n, ... of
+the M*S (subset, seed) units; `-1/n` only merges them (as for the attribution stage `a`).
+"""
+import hashlib
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from mucs import config as C
+from mucs.errors import UserError
+from mucs.io import atomic_path, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
+
+OUTPUTS = "lds-outputs.safetensors"  # the stage's output: measured f [M, S, Q], subsets [M, n], train_ids
+UNIT_OUTPUT = "lds-output.safetensors"  # one unit's f [Q], cached next to its model
+TABLE, PER_QUERY = "lds.csv", "lds_per_query.csv"
+
+
+def folder(job):
+    return Path(job.cfg.paths.logs) / f"{C.run_name(job.cfg)}--lds"
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+
+
+def draw_subsets(n, alpha, M, seed):
+    """M random subsets of round(alpha n) of n items, as a bool mask [M, n]; subset i depends on (seed, i) only."""
+    from mucs.train import step_generator
+
+    k = int(round(float(alpha) * n))
+    if not 0 < k < n or int(M) < 2:
+        raise UserError(f"lds needs 0 < alpha < 1 with at least one item in and out of each subset and at least 2 "
+                        f"subsets (alpha {alpha} of {n} items gives {k}; num_subsets {M})")
+    masks = torch.zeros(int(M), n, dtype=torch.bool)
+    for i in range(int(M)):
+        masks[i, torch.randperm(n, generator=step_generator(seed, i, stream=11))[:k]] = True
+    return masks
+
+
+def spearman_rows(a, b):
+    """Spearman correlation of each row of a with the same row of b ([Q, M] each, average ranks for ties);
+    NaN where a row is constant (it ranks nothing)."""
+    from scipy.stats import rankdata
+
+    ra, rb = (rankdata(np.asarray(v, dtype=float), axis=1) for v in (a, b))
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    den = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(1) / den, np.nan)
+
+
+def lds_per_query(tau, masks, f):
+    """LDS of each query: tau [Q, n] scores, masks [M, n] subsets, f [M, Q] measured outputs -> [Q]."""
+    g = torch.as_tensor(tau).double() @ torch.as_tensor(masks).double().T  # g(x; S_i) = sum_{j in S_i} tau(x, j)
+    return spearman_rows(g.numpy(), torch.as_tensor(f).double().T.numpy())
+
+
+def bootstrap(values, B=1000, seed=0, level=0.95):
+    """(mean, lo, hi): the mean of the finite values and a percentile interval from B resamples of them."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return np.nan, np.nan, np.nan
+    means = v[np.random.default_rng(seed).integers(0, len(v), (int(B), len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: train the (subset, seed) units, measure the queries under each, merge
+
+
+def units(cfg):
+    return [(i, j) for i in range(int(cfg.lds.num_subsets)) for j in range(int(cfg.lds.num_seeds))]
+
+
+def unit_dir(job, i, j):
+    return folder(job) / f"m{i}_s{j}"
+
+
+def subsets(job):
+    return draw_subsets(len(job.train_split), job.cfg.lds.alpha, job.cfg.lds.num_subsets, job.cfg.lds.subset_seed)
+
+
+def queries(job):
+    """The images the methods attributed (gpre's targets) and their conditions."""
+    from mucs.stages import targets_of
+
+    if job.cfg.targets:
+        raise UserError("lds measures gpre's targets (the methods' scores are for them); drop targets=...")
+    return targets_of(job)
+
+
+def subset_cfg(cfg, j):
+    """The config a unit trains with: seed + j, and lds.steps updates when set."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + j})
+    if cfg.lds.steps is not None:
+        c.train.steps = int(cfg.lds.steps)
+    return c
+
+
+def digest(*parts):
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def measure(job, D, x, y):
+    """f(x) = - mean_k L(x; sigma_k, eps_k) over the fixed noise set of lds (levels on its t_range of the ladder)."""
+    from mucs.attrib.common import ladder_noise
+    from mucs.attrib.mucs import item_noise_losses
+
+    lc, dev = job.cfg.lds, job.device
+    sigmas, E = ladder_noise(SimpleNamespace(cfg=job.cfg, D=D, device=dev), lc.num_noises, lc.t_range,
+                             lc.noise_seed, x.shape[1:])
+    L = item_noise_losses(D, x.to(dev), None if y is None else y.to(dev), sigmas, E, int(lc.eval_batch))
+    return -L.double().mean(1)
+
+
+def run_unit(job, i, j, masks, x, y, key):
+    """Train unit (i, j) (resuming), measure the queries under it; cached in its folder against `key` and its
+    weights."""
+    from mucs.model import load_denoiser
+    from mucs.train import train
+
+    d = unit_dir(job, i, j)
+    path = d / UNIT_OUTPUT
+    if path.exists() and job.weights(d).exists():
+        meta = load_tensor_metadata(path)
+        if meta.get("key") == key and meta.get("weights") == file_hash(job.weights(d)):
+            return
+    sub = job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
+    train(subset_cfg(job.cfg, j), sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
+    D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
+    save_tensors(path, dict(f=measure(job, D, x, y).float()), metadata=dict(key=key, weights=file_hash(job.weights(d))))
+
+
+def run(job, shard=(0, 1)):
+    """The lds stage: this shard's units, then (unsplit, or -1/n) the merged outputs and the table."""
+    x, y = queries(job)
+    masks = subsets(job)
+    lc = job.cfg.lds
+    key = digest(x, "none" if y is None else y, lc.num_noises, list(lc.t_range), lc.noise_seed, dict(job.cfg.sample))
+    if shard[0] != -1:
+        mine = units(job.cfg)[shard[0]::shard[1]]
+        for n, (i, j) in enumerate(mine):
+            print(f"[lds] unit m{i}_s{j} ({n + 1} of {len(mine)} in this shard)")
+            run_unit(job, i, j, masks, x, y, key)
+    if shard[1] == 1 or shard[0] == -1:
+        merge(job, masks, key, len(x))
+        show(job)
+
+
+def merge(job, masks, key, Q):
+    M, S = int(job.cfg.lds.num_subsets), int(job.cfg.lds.num_seeds)
+    f = torch.empty(M, S, Q)
+    missing = []
+    for i, j in units(job.cfg):
+        path = unit_dir(job, i, j) / UNIT_OUTPUT
+        t = load_tensors(path, what="LDS unit output") if path.exists() else None
+        if t is None or load_tensor_metadata(path).get("key") != key:
+            missing.append(f"m{i}_s{j}")
+            continue
+        f[i, j] = t["f"]
+    if missing:
+        raise UserError(f"LDS units {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} are not measured "
+                        f"yet in {folder(job)}; run their shards first (--what=lds --shard i/n)")
+    save_tensors(folder(job) / OUTPUTS, dict(f=f, subsets=masks.to(torch.uint8), train_ids=job.train_split.ids),
+                 metadata=dict(key=key))
+
+
+def clear(job, shard=(0, 1)):
+    """--force: forget this shard's units (their models and outputs); the merge step (-1/n) forgets nothing."""
+    if shard[0] == -1:
+        return
+    for i, j in units(job.cfg)[shard[0]::shard[1]]:
+        shutil.rmtree(unit_dir(job, i, j), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores of every attributed method, and the table
+
+
+def method_scores(job, Q):
+    """{method: scores [Q, n]} of every post folder of this run whose finished attribution ranks this training
+    split for the current gpre targets; the others are named with the reason they are left out."""
+    from mucs.attrib.base import ATTRIB, load_attrib
+    from mucs.generate import SAMPLES
+
+    samples, out = job.pre / SAMPLES, {}
+    for d in sorted(Path(job.cfg.paths.logs).glob(f"{C.run_name(job.cfg)}--post_*")):
+        m, manifest = d.name.split("--post_", 1)[1], d / "a.manifest.json"
+        if not (d / ATTRIB).exists() or not manifest.exists():
+            continue
+        rec = read_json(manifest)
+        hashes = [h for p, h in rec.get("inputs", {}).items() if Path(p).name == SAMPLES and Path(p).parent.name == job.pre.name]
+        a = load_attrib(d)
+        why = ("it attributes the user's own targets" if rec.get("settings", {}).get("targets") else
+               "it attributes other gpre samples (redo it with --what=a --force)" if hashes != [file_hash(samples)] else
+               "it ranks another training split" if not torch.equal(a["train_ids"], job.train_split.ids) else
+               f"it has {a['scores'].shape[0]} targets, not {Q}" if a["scores"].shape[0] != Q else None)
+        if why:
+            print(f"[lds] leaving out {m}: {why}")
+        else:
+            out[m] = a["scores"]
+    return out
+
+
+def table(job):
+    """(summary, per_query) DataFrames of every attributed method on the measured outputs."""
+    import pandas as pd
+
+    t = load_tensors(folder(job) / OUTPUTS, what="LDS outputs", hint="run --what=lds")
+    f, masks = t["f"].double().mean(1), t["subsets"].bool()  # outputs averaged over the seeds of each subset
+    M, S, Q = t["f"].shape
+    rows, per = [], []
+    for m, tau in method_scores(job, Q).items():
+        v = lds_per_query(tau, masks, f)
+        mean, lo, hi = bootstrap(v, job.cfg.lds.bootstrap, seed=0)
+        rows.append(dict(method=m, lds=mean, lo=lo, hi=hi, queries=int(np.isfinite(v).sum()), subsets=M, seeds=S))
+        per += [dict(method=m, query=q, lds=float(x)) for q, x in enumerate(v)]
+    cols = ["method", "lds", "lo", "hi", "queries", "subsets", "seeds"]
+    return pd.DataFrame(rows, columns=cols), pd.DataFrame(per, columns=["method", "query", "lds"])
+
+
+def show(job):
+    """Write lds.csv and lds_per_query.csv next to the outputs and print the table."""
+    summary, per = table(job)
+    for name, df in ((TABLE, summary), (PER_QUERY, per)):
+        with atomic_path(folder(job) / name) as tmp:
+            df.to_csv(tmp, index=False)
+    if summary.empty:
+        print(f"[lds] no method has attributed these targets yet (run --what=a --attrib=<m>); outputs in {folder(job)}")
+        return summary
+    print(f"\nLDS (Spearman across {summary.subsets.iloc[0]} subsets of summed scores vs minus the measured loss, "
+          f"mean over queries, 95% bootstrap interval)")
+    print(summary.to_string(index=False, float_format="{:.3f}".format))
+    print(f"[lds] {folder(job) / TABLE}")
+    return summary

@@ -1,0 +1,120 @@
+"""LDS: the maths against a known linear datamodel, and the lds stage on the tiny config (shards, merge,
+resume, the table of every attributed method)."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from mucs import lds as L
+from mucs.cli import run_pipeline
+from mucs.io import load_tensors
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+
+
+def linear_case(n=300, M=48, Q=60, noise=0.05, seed=0):
+    """Outputs of a known linear datamodel: f(x; S_i) = sum_{j in S_i} tau(x, j) + small noise."""
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randn(Q, n, generator=g, dtype=torch.float64)
+    masks = L.draw_subsets(n, 0.5, M, seed=3)
+    f = masks.double() @ tau.T
+    f += noise * f.std() * torch.randn(f.shape, generator=g, dtype=torch.float64)
+    return tau, masks, f
+
+
+def test_lds_of_the_true_datamodel_is_one_and_of_random_scores_zero():
+    tau, masks, f = linear_case()
+    v = L.lds_per_query(tau, masks, f)
+    assert v.shape == (60,) and np.all(v > 0.98), v.min()
+    mean, lo, hi = L.bootstrap(v, 500, seed=0)
+    assert 0.99 < mean <= 1 and lo <= mean <= hi and lo > 0.98
+    # the sign convention: scores of the opposite sign predict the opposite order
+    assert np.all(L.lds_per_query(-tau, masks, f) < -0.98)
+    # random scores: about 0 (each query's Spearman over 48 subsets has sd ~0.15; the mean of 60 ~0.02)
+    rnd = torch.randn(tau.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    mean, lo, hi = L.bootstrap(L.lds_per_query(rnd, masks, f), 500, seed=0)
+    assert abs(mean) < 0.1 and lo <= mean <= hi and hi - lo < 0.2
+    # scores that are right for half the items: in between
+    half = tau.clone()
+    half[:, ::2] = rnd[:, ::2]
+    assert 0.4 < np.mean(L.lds_per_query(half, masks, f)) < 0.9
+
+
+def test_spearman_rows_matches_scipy_with_ties_and_constant_rows():
+    g = np.random.default_rng(0)
+    a, b = g.integers(0, 5, (6, 20)).astype(float), g.normal(size=(6, 20))  # ties in a
+    a[5] = 2.0  # a constant row ranks nothing
+    got = L.spearman_rows(a, b)
+    for q in range(5):
+        assert got[q] == pytest.approx(spearmanr(a[q], b[q]).statistic, abs=1e-12)
+    assert np.isnan(got[5])
+    assert np.isnan(L.bootstrap([np.nan, np.nan])[0]) and L.bootstrap([0.5, np.nan, 0.5])[:1] == (0.5,)
+
+
+def test_subsets_are_seeded_sized_and_independent_of_their_number():
+    m = L.draw_subsets(101, 0.5, 6, seed=1)
+    assert m.shape == (6, 101) and (m.sum(1) == 50).all()
+    assert len({tuple(r.tolist()) for r in m}) == 6
+    assert torch.equal(m[:4], L.draw_subsets(101, 0.5, 4, seed=1))
+    assert not torch.equal(m, L.draw_subsets(101, 0.5, 6, seed=2))
+    from mucs.errors import UserError
+    with pytest.raises(UserError, match="alpha"):
+        L.draw_subsets(10, 1.0, 4, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on the tiny config
+
+LDS = ["lds.num_subsets=3", "lds.num_seeds=1", "lds.steps=16", "lds.num_noises=8", "lds.bootstrap=200"]
+RUN = "digits_dit_edm_s1_k2.0_na3_sb0"
+
+
+def test_lds_stage_shards_merge_resume_and_table(tiny, capsys):
+    over = tiny + LDS
+    logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
+    assert run_pipeline(["--what=tpre,gpre,a", "--attrib=pixel"] + over) == 0
+    assert run_pipeline(["--what=a", "--attrib=random"] + over) == 0
+    d = logs / f"{RUN}--lds"
+    # shard 0/3 trains and measures unit m0_s0 only, and writes no manifest
+    assert run_pipeline(["--what=lds", "--shard=0/3"] + over) == 0
+    assert (d / "m0_s0" / L.UNIT_OUTPUT).exists() and not (d / "m1_s0").exists()
+    assert not (d / "lds.manifest.json").exists()
+    # merging before the other shards ran names what is missing
+    capsys.readouterr()
+    assert run_pipeline(["--what=lds", "--shard=-1/3"] + over) == 2
+    assert "m1_s0, m2_s0" in capsys.readouterr().err
+    # the unsplit run resumes: unit 0 is not trained again
+    w0 = (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns
+    assert run_pipeline(["--what=lds"] + over) == 0
+    assert (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == w0
+    assert (d / "lds.manifest.json").exists()
+    out = load_tensors(d / L.OUTPUTS)
+    assert out["f"].shape == (3, 1, 3) and torch.isfinite(out["f"]).all()
+    assert (out["subsets"].sum(1) == 750).all() and len(out["train_ids"]) == 1500
+    # the stored outputs are minus the mean loss of the queries under each unit's model on the fixed noise
+    from mucs import config as C, stages as S
+    from mucs.model import load_denoiser
+    job = S.Job(C.compose(over))
+    x, y = L.queries(job)
+    D = load_denoiser(job.cfg.model, job.meta, job.weights(d / "m2_s0"), "cpu")
+    assert torch.allclose(L.measure(job, D, x, y).float(), out["f"][2, 0])
+    assert out["f"][0, 0].tolist() != out["f"][1, 0].tolist()  # other subsets, other models
+    table = pd.read_csv(d / L.TABLE)
+    assert set(table.method) == {"pixel", "random"} and table.lds.between(-1, 1).all()
+    assert (table.queries == 3).all() and (table.lo <= table.lds).all() and (table.lds <= table.hi).all()
+    # a method attributed later joins the table when the (finished) stage is asked again, without retraining
+    assert run_pipeline(["--what=a", "--attrib=cond"] + over) == 0
+    capsys.readouterr()
+    assert run_pipeline(["--what=lds"] + over) == 0
+    printed = capsys.readouterr().out
+    assert "done already" in printed and "cond" in printed
+    assert set(pd.read_csv(d / L.TABLE).method) == {"pixel", "random", "cond"}
+    assert (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == w0
+    # other LDS settings are refused with the way out
+    assert run_pipeline(["--what=lds"] + over + ["lds.num_noises=4"]) == 2
+    err = capsys.readouterr().err
+    assert "lds" in err and "other" in err and "--force" in err

@@ -1,5 +1,6 @@
 """Command lines of pipeline.py and eval.py: flags in the published spelling, the rest Hydra overrides."""
 import argparse
+import errno
 import sys
 import traceback
 
@@ -20,6 +21,11 @@ def guard(main):
         except MemoryError:
             print("error: out of memory; lower the batch sizes (train.batch, sample.batch, attrib.batch)", file=sys.stderr)
             return 1
+        except OSError as e:  # writes outside mucs.io (e.g. a new folder) on a full disk
+            if e.errno != errno.ENOSPC:
+                raise
+            print(f"error: disk full ({e.filename or 'while writing'}); free space and rerun", file=sys.stderr)
+            return 2
     return wrapped
 
 

@@ -35,11 +35,27 @@ def compose(overrides=()) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = h_compose("config", overrides=list(overrides))
+            groups = {d.name for d in CONFIGS.iterdir() if d.is_dir()}
+            values = [o for o in overrides if o.split("=", 1)[0] not in groups and o[0] not in "+~"
+                      and not o.startswith("hydra.")]
+            if values:  # the config these values override, to check they keep its kinds
+                base = h_compose("config", overrides=[o for o in overrides if o not in values])
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         msg = " ".join(str(e).split())
         raise UserError(f"bad config override: {msg[:300]}")
+    for o in values:
+        check_kind(o, OmegaConf.select(base, o.split("=", 1)[0]), OmegaConf.select(cfg, o.split("=", 1)[0]))
     return cfg
+
+
+def check_kind(override, old, new):
+    """A value keeps the kind of the default it replaces: `train.steps=abc` or `force=maybe` is a typo."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(old, bool) and not isinstance(new, bool):
+        raise UserError(f"bad config override {override}: expected true or false")
+    if number(old) and not number(new):
+        raise UserError(f"bad config override {override}: expected a number (the default is {old})")
 
 
 def num_removal(cfg):
@@ -69,11 +85,30 @@ def to_yaml(cfg):
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def sections(cfg, *keys):
+    """The named config sections as plain data."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+
+
 def section_hash(cfg, *keys):
     """A short hash of the named config sections: what a stage's output depends on."""
-    blob = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
-                       for k in keys}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hash_settings(sections(cfg, *keys))
+
+
+def hash_settings(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(old, new, limit=4):
+    """'key: old -> new' for the first `limit` leaves that differ between two plain nested dicts."""
+    def flat(d, prefix=""):
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()} if d else {prefix: d}
+    a, b = flat(old or {}), flat(new or {})
+    diff = [f"{k.rstrip('.')}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+    return diff[:limit] + ([f"{len(diff) - limit} more"] if len(diff) > limit else [])
 
 
 def load_saved(path):

@@ -50,14 +50,19 @@ def find_jobs(spec, logs):
 
 def load_run(logs, job, methods):
     """Pre samples, and per method its post samples and top ids, checked to share seeds."""
+    from mucs.stages import check_finished
+
     pre_dir = Path(logs) / f"{job}--pre"
     cfg = C.load_saved(pre_dir / "config.yaml")
+    check_finished(pre_dir, "gpre")
     pre = load_samples(pre_dir)
     posts = {}
     for m in methods:
         d = Path(logs) / f"{job}--post_{m}"
         if not d.exists():
             raise UserError(f"no run folder {d}; run pipeline.py --attrib={m} for job {job} first")
+        for stage in ("a", "tpost", "gpost"):  # finished, and made from the pre samples and ids there now
+            check_finished(d, stage)
         post = load_samples(d, stage="gpost")
         if not torch.equal(post["seeds"], pre["seeds"]):
             raise UserError(f"pre and post samples of {job} / {m} have different seeds; rerun --what=gpost --force")

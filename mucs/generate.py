@@ -25,10 +25,15 @@ def ladder(cfg, D):
 
 
 @torch.no_grad()
-def sample(D, cfg, seeds, labels, shape, device, desc="sample"):
-    """Images in [-1, 1] for the given per-sample seeds and condition vectors, in batches."""
+def sample(D, cfg, seeds, labels, shape, device, desc="sample", parts=None):
+    """Images in [-1, 1] for the given per-sample seeds and condition vectors, in batches. With `parts` (a
+    folder) each batch is saved there as it is made and read back on a rerun, so a killed run resumes."""
     s, sigmas, out = cfg.sample, ladder(cfg, D), []
     for i in tqdm(range(0, len(seeds), s.batch), desc=desc, unit="batch", leave=False):
+        part = parts and Path(parts) / f"b{i // s.batch:05d}.safetensors"
+        if part and part.exists():
+            out.append(load_part(part, seeds[i: i + s.batch], shape))
+            continue
         gens = SeedGenerators(seeds[i: i + s.batch])
         latents = gens.randn(shape, device)
         y = None if labels is None else labels[i: i + s.batch].to(device)
@@ -36,7 +41,17 @@ def sample(D, cfg, seeds, labels, shape, device, desc="sample"):
             x = heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
                              S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device), solver=s.solver)
         out.append(x.clamp(-1, 1).cpu())
+        if part:
+            save_tensors(part, dict(images=out[-1], seeds=torch.tensor(seeds[i: i + s.batch], dtype=torch.long)))
     return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+def load_part(path, seeds, shape):
+    t = load_tensors(path, what="generation part", hint="rerun the stage")
+    if t.get("seeds") is None or t["seeds"].tolist() != list(seeds) or tuple(t["images"].shape[1:]) != tuple(shape):
+        raise UserError(f"{path} holds other samples than this run makes (another sample.batch or run); rerun the "
+                        f"stage with --force to start it over")
+    return t["images"]
 
 
 def prune_near_duplicates(x, keep):
@@ -55,9 +70,9 @@ def prune_near_duplicates(x, keep):
     return torch.nonzero(alive).squeeze(1)
 
 
-def generate_pre(D, cfg, meta, test_split, n_gen, out_dir, device):
+def generate_pre(D, cfg, meta, test_split, n_gen, out_dir, device, parts=None):
     """gpre: a surplus of candidates from held-out items (order fixed by the job seed), near-duplicates
-    pruned; the first num_attrib are the targets, the rest the controls."""
+    pruned; the first num_attrib are the targets, the rest the controls. `parts`: see sample()."""
     n_cand = min(len(test_split), int(np.ceil(n_gen * cfg.sample.surplus)))
     if n_cand < n_gen:
         raise UserError(f"the test split has {len(test_split)} items but {n_gen} samples are asked for; lower --num_attrib or --control_factor")
@@ -65,17 +80,18 @@ def generate_pre(D, cfg, meta, test_split, n_gen, out_dir, device):
     items = test_split.subset(order)
     labels = labels_of(items, cfg.model, meta)
     shape = tuple(test_split.images.shape[1:])
-    x = sample(D, cfg, items.ids.tolist(), labels, shape, device, desc="gpre")
+    x = sample(D, cfg, items.ids.tolist(), labels, shape, device, desc="gpre", parts=parts)
     keep = prune_near_duplicates(x, n_gen)
     save_samples(out_dir, x[keep], items.ids[keep], items.labels[keep], None if labels is None else labels[keep],
                  cfg.num_attrib)
     return x[keep]
 
 
-def generate_post(D, cfg, pre_samples, out_dir, device):
-    """gpost: the same seeds and conditions as gpre, through the retrained model."""
+def generate_post(D, cfg, pre_samples, out_dir, device, parts=None):
+    """gpost: the same seeds and conditions as gpre, through the retrained model. `parts`: see sample()."""
     shape = tuple(pre_samples["images"].shape[1:])
-    x = sample(D, cfg, pre_samples["seeds"].tolist(), pre_samples.get("cond"), shape, device, desc="gpost")
+    x = sample(D, cfg, pre_samples["seeds"].tolist(), pre_samples.get("cond"), shape, device, desc="gpost",
+               parts=parts)
     save_samples(out_dir, x, pre_samples["seeds"], pre_samples["labels"], pre_samples.get("cond"),
                  int(pre_samples["num_attrib"]))
     return x

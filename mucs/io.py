@@ -1,5 +1,6 @@
 """Atomic file writes and safe loads. Every stage output goes through here."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -11,6 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mucs.errors import UserError
+
+META = "mucs"  # the one metadata entry of our safetensors files
 
 
 @contextlib.contextmanager
@@ -25,19 +28,31 @@ def atomic_path(path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        full = disk_full(e, path.parent)  # asked before the partial file is removed
         _unlink(tmp)
-        if e.errno == 28:  # ENOSPC
+        if full:
             raise UserError(f"disk full while writing {path}; free space and rerun (nothing was overwritten)") from e
-        raise
-    except BaseException:
-        _unlink(tmp)
         raise
 
 
 def _unlink(p):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(p)
+
+
+def disk_full(e, folder):
+    """Whether a failed write ran out of space: ENOSPC itself, or a library error (safetensors, torch.save)
+    that wraps it in another type or loses the errno, on a filesystem with no space left."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+        return True
+    if not isinstance(e, Exception) or isinstance(e, UserError):
+        return False
+    try:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_text(path, text):
@@ -59,9 +74,11 @@ def read_json(path):
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None):
-    """Save a flat dict of tensors as safetensors (no code can run when it is loaded)."""
+    """Save a flat dict of tensors as safetensors (no code can run when it is loaded). The metadata goes in
+    one sorted JSON entry: safetensors writes several entries in a random order, and equal runs must give
+    equal bytes."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    meta = {META: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -76,11 +93,15 @@ def load_tensors(path, what="file", hint="rerun the stage that writes it"):
         raise UserError(f"corrupted or truncated {what} {path} ({str(e).splitlines()[0][:80]}); delete it and {hint}")
 
 
-def load_tensor_metadata(path):
+def load_tensor_metadata(path, what="file", hint="rerun the stage that writes it"):
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata() or {}
+        return json.loads(raw[META]) if META in raw else {k: json.loads(v) for k, v in raw.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupted or truncated {what} {path} ({str(e).splitlines()[0][:80]}); delete it and {hint}")
 
 
 def torch_save(path, obj):

@@ -123,10 +123,11 @@ class FolderLock:
         return True
 
     def _take_over_if_stale(self):
+        """Replace a stale lock by ours, in one step under the guard; True if we hold the lock now."""
         with _guard(self.folder):
             holder, age = self.read()
             if age is None:
-                return True  # released meanwhile: try again
+                return self._create()  # released meanwhile
             why = why_stale(holder, age)
             if not why:
                 return False
@@ -134,7 +135,7 @@ class FolderLock:
             print(f"[lock] taking over the stale lock of {self.folder} (pid {h.get('pid', '?')} on "
                   f"{h.get('host', '?')}, {h.get('what') or 'a stage'} since {h.get('since', '?')}): {why}")
             self.path.unlink(missing_ok=True)
-            return True
+            return self._create()
 
     def describe(self, holder):
         if holder is None:
@@ -146,10 +147,8 @@ class FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         deadline, told = time.monotonic() + self.wait, False
         while True:
-            if self._create():
+            if self._create() or self._take_over_if_stale():
                 return self
-            if self._take_over_if_stale():
-                continue
             holder, _ = self.read()
             left = deadline - time.monotonic()
             if left <= 0:

@@ -7,6 +7,9 @@ files in the job's run folders; launchers (local, Slurm) only decide where it ru
   tpost  retrain from scratch without the union of top ids       -> <run>--post_<m>/model-*.safetensors
   gpost  regenerate every sample with the same seeds             -> <run>--post_<m>/samples.safetensors
 """
+import contextlib
+import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from mucs.data import ensure_dataset, load_split, remove_ids, subsample
 from mucs.errors import UserError
 from mucs.generate import SAMPLES, generate_post, generate_pre, load_samples, load_user_targets
 from mucs.io import file_hash, read_json, write_json, write_text
+from mucs.lock import LOCK, FolderLock
 from mucs.model import labels_of, load_denoiser
 from mucs.train import train
 
@@ -97,8 +101,14 @@ def run_tpre(job):
     train(job.cfg, job.train_split, job.test_split, job.meta, job.pre, job.device, desc="tpre", world=job.world)
 
 
+def parts_dir(job, stage):
+    """Where a generation stage keeps its finished batches until its manifest is written."""
+    return STAGES[stage].folder(job) / f"{stage}-parts"
+
+
 def run_gpre(job):
-    generate_pre(job.denoiser(job.pre), job.cfg, job.meta, job.test_split, C.num_gen(job.cfg), job.pre, job.device)
+    generate_pre(job.denoiser(job.pre), job.cfg, job.meta, job.test_split, C.num_gen(job.cfg), job.pre, job.device,
+                 parts=parts_dir(job, "gpre"))
 
 
 def targets_of(job):
@@ -116,11 +126,11 @@ def attrib_context(job):
 
 
 def run_a(job, shard=(0, 1)):
-    write_text(job.post / "config.yaml", C.to_yaml(job.cfg))
     k = C.num_removal(job.cfg)
     if k >= len(job.train_split):
         raise UserError(f"num_removal {k} is not smaller than the training set ({len(job.train_split)} items); "
                         f"lower --topk_factor or num_removal")
+    write_text(job.post / "config.yaml", C.to_yaml(job.cfg))
     if shard[0] != -1:  # -1/n only merges the shards' parts
         x, labels = targets_of(job)
         method = get_method(job.cfg.attrib.name)(job.cfg.attrib, attrib_context(job))
@@ -137,6 +147,9 @@ def reduce_a(job):
 
 
 def run_tpost(job):
+    if not torch.equal(load_attrib(job.post)["train_ids"], job.train_split.ids):
+        raise UserError(f"{job.post / ATTRIB} ranks another training split than this job's (other data or "
+                        f"--subsample); redo it with {redo('a')}")
     removed = job.removed_ids()
     kept = remove_ids(job.train_split, removed)
     if job.world.main:
@@ -146,7 +159,7 @@ def run_tpost(job):
 
 def run_gpost(job):
     pre = load_samples(job.pre)
-    generate_post(job.denoiser(job.post), job.cfg, pre, job.post, job.device)
+    generate_post(job.denoiser(job.post), job.cfg, pre, job.post, job.device, parts=parts_dir(job, "gpost"))
     post = load_samples(job.post, stage="gpost")
     if not torch.equal(pre["seeds"], post["seeds"]):
         raise UserError(f"pre and post samples have different seeds in {job.post}; rerun --what=gpost --force")
@@ -162,30 +175,150 @@ class Stage:
     depends: tuple  # config sections its output depends on
 
 
+def data_files(job, splits=("train", "test")):
+    """The dataset's split files, as inputs (they have no producing stage: 'data')."""
+    return [(Path(job.cfg.data.folder) / f"{s}.safetensors", "data") for s in splits]
+
+
 STAGES = {s.name: s for s in [
     Stage("tpre", run_tpre, lambda j: j.pre, ("model-best.safetensors", "model-last.safetensors"),
-          lambda j: [], ("data", "model", "train", "seed", "subsample")),
+          lambda j: data_files(j), ("data", "model", "train", "seed", "subsample")),
     Stage("gpre", run_gpre, lambda j: j.pre, (SAMPLES,),
-          lambda j: [(j.weights(j.pre), "tpre")], ("sample", "num_attrib", "control_factor", "use_last_ckpt")),
+          lambda j: [(j.weights(j.pre), "tpre")] + data_files(j, ("test",)),
+          ("sample", "num_attrib", "control_factor", "use_last_ckpt")),
     Stage("a", run_a, lambda j: j.post, (ATTRIB,),
-          lambda j: [(j.weights(j.pre), "tpre")] + ([] if j.cfg.targets else [(j.pre / SAMPLES, "gpre")]),
+          lambda j: [(j.weights(j.pre), "tpre")] + ([] if j.cfg.targets else [(j.pre / SAMPLES, "gpre")])
+          + data_files(j, ("train",)),
           ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt")),
     Stage("tpost", run_tpost, lambda j: j.post, ("model-best.safetensors", "model-last.safetensors"),
-          lambda j: [(j.post / ATTRIB, "a")], ("data", "model", "train", "seed", "subsample")),
+          lambda j: [(j.post / ATTRIB, "a")] + data_files(j), ("data", "model", "train", "seed", "subsample")),
     Stage("gpost", run_gpost, lambda j: j.post, (SAMPLES,),
           lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
-    Stage("lds", lds.run, lds.folder, (lds.OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")],
+    Stage("lds", lds.run, lds.folder, (lds.OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
           ("data", "model", "train", "seed", "subsample", "lds", "use_last_ckpt")),
 ]}
 DATA_PARALLEL = ("tpre", "tpost")  # stages every process of a data-parallel world runs; rank 0 runs the others
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifests: what an output was computed from
+# Manifests: what an output was computed from. A stage refuses an input whose stage has not finished,
+# that changed since it was written, or that was made from settings or inputs that changed since;
+# an unfinished stage refuses to resume progress made with other settings or inputs.
 
 
 def manifest_path(job, stage):
     return stage.folder(job) / f"{stage.name}.manifest.json"
+
+
+def progress_path(job, stage):
+    """What an unfinished attempt of a stage computes from (removed when its manifest is written)."""
+    return stage.folder(job) / f"{stage.name}.progress.json"
+
+
+FOLDER_SETTINGS = ("data", "model", "train", "seed", "subsample")  # a run folder's settings that results depend on
+_HASHES = {}
+
+
+def hash_of(path):
+    """file_hash, remembered per (file, size, mtime) within this process."""
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_hash(path)
+    return _HASHES[key]
+
+
+def settings_of(cfg, keys):
+    """Config sections as plain data; the dataset's location is not a setting (its files are hashed as inputs)."""
+    s = C.sections(cfg, *keys)
+    if isinstance(s.get("data"), dict):
+        s["data"] = {k: v for k, v in s["data"].items() if k != "folder"}
+    return s
+
+
+def redo(name):
+    return f"--what={','.join(ORDER[ORDER.index(name):] if name in ORDER else [name])} --force"
+
+
+def check_settings(job, stage, recorded, what, fix):
+    """Refuse `what` (outputs or progress of `stage`) if it was made with other settings than the current ones."""
+    now = settings_of(job.cfg, stage.depends)
+    if recorded.get("config") == C.hash_settings(now):
+        return
+    diff = C.differences(recorded["settings"], now) if "settings" in recorded else [f"{', '.join(stage.depends)}"]
+    raise UserError(f"{what} was made with other settings ({'; '.join(diff)}); pass the same settings, or {fix}")
+
+
+def check_files(name, folder, m, outs):
+    """Outputs `outs` of stage `name` in `folder` are as its manifest m records, and so is every input it read."""
+    for o in outs:
+        h = m.get("outputs", {}).get(o)
+        if h and (Path(folder) / o).exists() and hash_of(Path(folder) / o) != h:
+            raise UserError(f"{Path(folder) / o} changed since {name} wrote it (corrupted or replaced); "
+                            f"redo it with {redo(name)}")
+    for path, h in m.get("inputs", {}).items():
+        if Path(path).exists() and hash_of(path) != h:
+            raise UserError(f"{Path(folder) / outs[0]} was made from {path}, which changed since (redone or "
+                            f"replaced); redo it with {redo(name)}")
+
+
+def check_record(job, stage, only=None):
+    """A finished stage's outputs (or just `only`) are as it wrote them, its inputs as it read them, all made
+    with the current settings, and so on up the pipeline."""
+    folder, m = stage.folder(job), read_json(manifest_path(job, stage))
+    check_settings(job, stage, m, f"{stage.name} output in {folder}", f"redo it with {redo(stage.name)}")
+    check_files(stage.name, folder, m, [Path(only).name] if only else list(stage.outputs))
+    for path, producer in stage.inputs(job):
+        if producer in STAGES and Path(path).exists():
+            check_fresh(job, producer, path)
+
+
+def check_finished(folder, name):
+    """For readers outside a pipeline (eval): stage `name` finished in `folder` and nothing it wrote or read
+    has changed since."""
+    path = Path(folder) / f"{name}.manifest.json"
+    if not path.exists():
+        raise UserError(f"stage {name} has not finished in {folder} (no {path.name}); run --what={name} first")
+    m = read_json(path)
+    check_files(name, folder, m, list(m.get("outputs", {})) or ["outputs"])
+
+
+def check_fresh(job, name, path):
+    """An input `path` written by stage `name` is finished and current."""
+    s = STAGES[name]
+    if not manifest_path(job, s).exists():
+        raise UserError(f"{path} is there but stage {name} has not finished (no {manifest_path(job, s).name}); "
+                        f"run --what={name} first (it resumes)")
+    check_record(job, s, only=path)
+
+
+def check_saved_config(job, folder, writer, will_run):
+    """The config.yaml a run folder was made with agrees with the current config on FOLDER_SETTINGS."""
+    path = Path(folder) / "config.yaml"
+    if not path.exists() or (job.cfg.force and writer in will_run):
+        return
+    diff = C.differences(settings_of(C.load_saved(path), FOLDER_SETTINGS), settings_of(job.cfg, FOLDER_SETTINGS))
+    if diff:
+        raise UserError(f"run folder {folder} was made with other settings ({'; '.join(diff)}); pass the settings "
+                        f"saved in {path}, or redo the folder with {redo(writer)}")
+
+
+def start_progress(job, stage):
+    """Record what this attempt computes from; refuse to resume progress made with other settings or inputs.
+    Returns the input hashes (taken now, before the stage reads them) for the manifest."""
+    now = settings_of(job.cfg, stage.depends)
+    rec = dict(stage=stage.name, config=C.hash_settings(now), settings=now,
+               inputs={str(p): hash_of(p) for p, _ in stage.inputs(job) if Path(p).exists()})
+    path, folder = progress_path(job, stage), stage.folder(job)
+    if path.exists():
+        old, fix = read_json(path), f"rerun --what={stage.name} with --force to start it over"
+        check_settings(job, stage, old, f"the unfinished {stage.name} in {folder}", fix)
+        for p, h in rec["inputs"].items():
+            if old.get("inputs", {}).get(p, h) != h:
+                raise UserError(f"the unfinished {stage.name} in {folder} was started from another {p} (it "
+                                f"changed since); {fix}")
+    write_json(path, rec)
+    return rec["inputs"]
 
 
 def is_done(job, stage):
@@ -193,22 +326,18 @@ def is_done(job, stage):
 
 
 def check_manifest(job, stage):
-    """Refuse to build on an output made from another config or from inputs that changed since."""
-    m = read_json(manifest_path(job, stage))
-    if m.get("config") != C.section_hash(job.cfg, *stage.depends):
-        raise UserError(f"{stage.name} outputs in {stage.folder(job)} were made with another config "
-                        f"({', '.join(stage.depends)}); rerun with --force to redo them")
-    for path, h in m.get("inputs", {}).items():
-        if Path(path).exists() and file_hash(path) != h:
-            raise UserError(f"{path} changed since {stage.name} used it; rerun --what={stage.name} --force to redo "
-                            f"it and the stages after it")
+    """Refuse to build on an output made with other settings, changed since, or made from inputs that changed since."""
+    check_record(job, stage)
 
 
-def write_manifest(job, stage, seconds):
+def write_manifest(job, stage, seconds, inputs=None):
+    """The manifest: settings and their hash, input hashes (`inputs`, taken when the stage started), output
+    hashes, code version and seconds."""
+    now = settings_of(job.cfg, stage.depends)
     write_json(manifest_path(job, stage), dict(
-        stage=stage.name, config=C.section_hash(job.cfg, *stage.depends),
-        inputs={str(p): file_hash(p) for p, _ in stage.inputs(job)},
-        outputs={o: file_hash(stage.folder(job) / o) for o in stage.outputs},
+        stage=stage.name, config=C.hash_settings(now), settings=now,
+        inputs=inputs if inputs is not None else {str(p): hash_of(p) for p, _ in stage.inputs(job)},
+        outputs={o: hash_of(stage.folder(job) / o) for o in stage.outputs},
         code=code_version(), seconds=round(seconds, 2), finished=time.strftime("%Y-%m-%d %H:%M:%S")))
 
 
@@ -233,14 +362,40 @@ def plan(job, names):
 
 
 def check_inputs(job, stage, will_run):
+    """Every input is there (or its stage will run first) and, when its stage has finished, current."""
     for path, producer in stage.inputs(job):
-        if not Path(path).exists() and producer not in will_run:
-            raise UserError(f"stage {stage.name} needs {path}, which is missing; run --what={producer} first")
+        if producer == "data":
+            job.meta  # builds a bundled dataset on first use, or says what is missing
+        elif not Path(path).exists():
+            if producer not in will_run:
+                raise UserError(f"stage {stage.name} needs {path}, which is missing; run --what={producer} first")
+        elif producer not in will_run or is_done(job, STAGES[producer]):
+            check_fresh(job, producer, path)
+
+
+def stage_lock(job, stage, shard=(0, 1)):
+    """The lock of the stage's run folder (rank 0 holds it for a data-parallel world). Shards i/n of `a` (and
+    `lds`) run side by side, each under a lock of its own."""
+    if not job.world.main:
+        return contextlib.nullcontext()
+    sharded = stage.name in SHARDED and shard[1] > 1 and shard[0] >= 0
+    name = f"{LOCK}-{stage.name}{shard[0]}of{shard[1]}" if sharded else LOCK
+    return FolderLock(stage.folder(job), job.cfg.get("lock_wait", 0) or 0, what=f"stage {stage.name}", name=name)
 
 
 def run_stage(job, name, will_run=(), **kw):
     s = STAGES[name]
+    check_saved_config(job, job.pre, "tpre", will_run)
+    if s.folder(job) != job.pre:
+        check_saved_config(job, s.folder(job), "a" if s.folder(job) == job.post else name, will_run)
     check_inputs(job, s, will_run)
+    with stage_lock(job, s, kw.get("shard", (0, 1))):
+        job.world.barrier()  # the others look at the folder once rank 0 holds it
+        run_locked(job, s, will_run, **kw)
+
+
+def run_locked(job, s, will_run=(), **kw):
+    name = s.name
     if is_done(job, s) and not job.cfg.force:
         check_manifest(job, s)
         print(f"[{name}] done already ({manifest_path(job, s)}); skipping (--force redoes it)")
@@ -250,11 +405,15 @@ def run_stage(job, name, will_run=(), **kw):
         s.folder(job).mkdir(parents=True, exist_ok=True)
         if job.cfg.force:
             clear_progress(job, s, kw.get("shard", (0, 1)))
+        inputs = start_progress(job, s)
     job.world.barrier()  # the others start from what rank 0 cleared
     if job.world.main or name in DATA_PARALLEL:
         s.run(job, **kw)
     if job.world.main and not (name in SHARDED and kw.get("shard", (0, 1))[1] > 1 and kw["shard"][0] != -1):
-        write_manifest(job, s, time.time() - t0)  # (a shard's manifest is the reduce step's)
+        write_manifest(job, s, time.time() - t0, inputs)  # (a shard's manifest is the reduce step's)
+        progress_path(job, s).unlink(missing_ok=True)
+        if name in ("gpre", "gpost"):
+            shutil.rmtree(parts_dir(job, name), ignore_errors=True)  # the samples file holds them all now
         print(f"[{name}] done in {time.time() - t0:.1f} s -> {s.folder(job)}")
     job.world.barrier()  # the next stage reads this one's outputs
 
@@ -266,6 +425,9 @@ def clear_progress(job, s, shard=(0, 1)):
     d = s.folder(job)
     if s.name in ("tpre", "tpost"):
         (d / "train-state.pt").unlink(missing_ok=True)
+    if s.name in ("gpre", "gpost"):
+        shutil.rmtree(parts_dir(job, s.name), ignore_errors=True)
+    progress_path(job, s).unlink(missing_ok=True)
     if s.name == "a" and shard[1] == 1:
         shutil.rmtree(d / "attrib-parts", ignore_errors=True)
     elif s.name == "a" and shard[0] >= 0:

@@ -99,6 +99,12 @@ def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=
     return world.sum(total) / n
 
 
+def run_key(cfg, split):
+    """What a training state belongs to: the model and recipe settings, the seed and the training items."""
+    from mucs.config import hash_settings, sections
+    return hash_settings(dict(sections(cfg, "model", "train", "seed"), ids=split.ids.tolist()))
+
+
 def lr_at(step, cfg):
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
@@ -122,16 +128,26 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", worl
     D = build_denoiser(mc, meta).to(device).train()
     ema = clone(D).eval().requires_grad_(False)
     opt = torch.optim.AdamW(D.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    step, best, since_best, log = 0, math.inf, 0, []
-    state_path = out_dir / STATE
+    step, best, since_best, log, running = 0, math.inf, 0, [], []
+    state_path, key = out_dir / STATE, run_key(cfg, split)
     if state_path.exists():
         st = torch_load(state_path, what="training state", hint="rerun the training stage")
-        D.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        step, best, since_best, log = st["step"], st["best"], st["since_best"], st["log"]
+        if not isinstance(st, dict) or st.get("key", key) != key:
+            raise UserError(f"{state_path} is the state of another training run (other settings or training items); "
+                            f"rerun with --force to start over")
+        try:
+            D.load_state_dict(st["model"])
+            ema.load_state_dict(st["ema"])
+            opt.load_state_dict(st["opt"])
+            step, best, since_best, log = st["step"], st["best"], st["since_best"], st["log"]
+            running = st.get("running", [])  # losses since the last log row, so the log resumes identically
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise UserError(f"{state_path} does not fit this model ({e.__class__.__name__}); rerun with --force to "
+                            f"start over")
         if st.get("stopped"):
             print(f"[{desc}] already finished ({st['stopped']}) at step {step}")
+            if world.main:
+                write_log(out_dir / "train_log.csv", log)  # in case a kill came between the two
             return dict(steps=step, best_val=best, stopped=st["stopped"])
         print(f"[{desc}] resuming from {state_path} at step {step}")
     order, augment = Order(len(split), tc.batch, cfg.seed), make_augment(mc, tc)
@@ -142,11 +158,12 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", worl
     def save_state(stopped=""):
         if world.main:
             torch_save(state_path, dict(model=D.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                                        best=best, since_best=since_best, log=log, stopped=stopped))
+                                        best=best, since_best=since_best, log=log, stopped=stopped, key=key,
+                                        running=running))
 
     bar = tqdm(total=tc.steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, mininterval=2,
                disable=not world.main)
-    t0, running = time.time(), []
+    t0 = time.time()
     stopped = "max steps"
     while step < tc.steps:
         g = step_generator(cfg.seed, step)

@@ -22,6 +22,7 @@ import torch
 from mucs import config as C
 from mucs import distributed
 from mucs import lds
+from mucs import logo
 from mucs.attrib.base import ATTRIB, Context, attribute, get_method, load_attrib, merge
 from mucs.data import ensure_dataset, load_split, remove_ids, subsample
 from mucs.errors import UserError
@@ -32,8 +33,8 @@ from mucs.model import labels_of, load_denoiser
 from mucs.train import train
 
 ORDER = ["tpre", "gpre", "a", "tpost", "gpost"]
-EXTRA = ["lds"]  # stages outside the counterfactual pipeline: run only when named in --what, after it
-SHARDED = ("a", "lds")  # stages that take --shard i/n (their parts side by side) and -1/n (the merge)
+EXTRA = ["lds", "logo"]  # stages outside the counterfactual pipeline: run only when named in --what, after it
+SHARDED = ("a", "lds", "logo")  # stages that take --shard i/n (their parts side by side) and -1/n (the merge)
 
 
 def resolve_device(name, world=distributed.World()):
@@ -196,8 +197,11 @@ STAGES = {s.name: s for s in [
           lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
     Stage("lds", lds.run, lds.folder, (lds.OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
           ("data", "model", "train", "seed", "subsample", "lds", "use_last_ckpt")),
+    Stage("logo", logo.run_logo, lambda j: logo.logo_dir(j.cfg), (logo.LOGO,), logo.logo_inputs,
+          ("data", "model", "train", "seed", "subsample", "groups", "sample", "num_attrib", "control_factor", "targets",
+           "use_last_ckpt")),
 ]}
-DATA_PARALLEL = ("tpre", "tpost")  # stages every process of a data-parallel world runs; rank 0 runs the others
+DATA_PARALLEL = ("tpre", "tpost", "logo")  # stages every process of a data-parallel world runs; rank 0 runs the others
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,4 +441,6 @@ def clear_progress(job, s, shard=(0, 1)):
                 p.unlink(missing_ok=True)
     if s.name == "lds":
         lds.clear(job, shard)
+    if s.name == "logo":
+        logo.clear_logo(job, shard)
     manifest_path(job, s).unlink(missing_ok=True)

@@ -176,3 +176,33 @@ def test_cli_errors(job, planted, capsys):
     assert run_eval(["--jobs=nothing_here", f"--logs={planted / 'logs'}"]) == 2
     assert "no run folder nothing_here--pre" in capsys.readouterr().err
     assert run_eval(["--jobs=*", "--aggregate=median", f"--logs={planted / 'logs'}"]) == 2
+
+
+def test_vp_score_is_the_eps_prediction_error(tmp_path, data_root):
+    """For a VP model the dELBO is the difference of eps-prediction errors ||eps_hat - eps||^2 on the shared noise,
+    at levels of the VP ladder (untrained models: a closed form, no training)."""
+    from conftest import TINY
+    from mucs.attrib.base import Context
+    from mucs.attrib.guda import score_noise
+    from mucs.model import build_denoiser
+    cfg = compose(TINY + [f"paths.data={data_root}", f"paths.logs={tmp_path}", "model=dit_vp",
+                          "sample.discretization=vp", "groups.score.num_noises=8"])
+    meta = ensure_dataset("digits", cfg.data.folder)
+    tr = load_split(cfg.data.folder, "train").subset(torch.arange(3))
+    D = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        D.append(build_denoiser(cfg.model, meta).eval())
+    ctx = Context(cfg, D[0], tr, meta, "cpu", tmp_path, tmp_path)
+    x, y = tr.float_images(), labels_of(tr, cfg.model, meta)
+    G = group_delbo(ctx, lambda k: D[1], 1, x, y)
+    sig, E = score_noise(ctx, x.shape[1:])
+    assert float(sig[0]) == pytest.approx(D[0].sigma_max, rel=1e-4)  # the top of the VP ladder, sigma(1)
+
+    def eps_error(net):
+        s = sig.view(-1, 1, 1, 1)
+        with torch.no_grad():
+            return torch.stack([((x[i] + s * E - net(x[i] + s * E, sig, y[i].expand(len(sig), -1))) / s - E)
+                                .square().flatten(1).mean(1).mean() for i in range(len(x))])
+
+    assert torch.allclose(G[:, 0], eps_error(D[1]) - eps_error(D[0]), rtol=1e-4, atol=1e-5)

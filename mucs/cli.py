@@ -13,6 +13,7 @@ def guard(main):
         try:
             return main(sys.argv[1:] if argv is None else argv) or 0
         except UserError as e:
+            close_progress_bars()  # so the error is the last line, not a bar redrawn after it
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
@@ -27,6 +28,13 @@ def guard(main):
             print(f"error: disk full ({e.filename or 'while writing'}); free space and rerun", file=sys.stderr)
             return 2
     return wrapped
+
+
+def close_progress_bars():
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 class Parser(argparse.ArgumentParser):

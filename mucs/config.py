@@ -21,6 +21,7 @@ def options(group):
 def compose(overrides=()) -> DictConfig:
     """The resolved config for a list of Hydra overrides (`job=...`, `attrib=...`, `key=value`)."""
     from hydra import compose as h_compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -40,12 +41,12 @@ def compose(overrides=()) -> DictConfig:
                       and not o.startswith("hydra.")]
             if values:  # the config these values override, to check they keep its kinds
                 base = h_compose("config", overrides=[o for o in overrides if o not in values])
+                for o, parsed in zip(values, OverridesParser.create().parse_overrides(values)):
+                    check_kind(o, OmegaConf.select(base, parsed.key_or_group), parsed.value())
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         msg = " ".join(str(e).split())
         raise UserError(f"bad config override: {msg[:300]}")
-    for o in values:
-        check_kind(o, OmegaConf.select(base, o.split("=", 1)[0]), OmegaConf.select(cfg, o.split("=", 1)[0]))
     return cfg
 
 

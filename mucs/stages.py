@@ -253,15 +253,22 @@ def check_settings(job, stage, recorded, what, fix):
     raise UserError(f"{what} was made with other settings ({'; '.join(diff)}); pass the same settings, or {fix}")
 
 
-def check_files(name, folder, m, outs):
-    """Outputs `outs` of stage `name` in `folder` are as its manifest m records, and so is every input it read."""
+def input_key(path):
+    """How a manifest names an input: its folder and file name, so copied or moved run folders keep their meaning."""
+    return f"{Path(path).parent.name}/{Path(path).name}"
+
+
+def check_files(name, folder, m, outs, inputs):
+    """Outputs `outs` of stage `name` in `folder` are as its manifest m records, and so are its `inputs` (their
+    current paths)."""
     for o in outs:
         h = m.get("outputs", {}).get(o)
         if h and (Path(folder) / o).exists() and hash_of(Path(folder) / o) != h:
             raise UserError(f"{Path(folder) / o} changed since {name} wrote it (corrupted or replaced); "
                             f"redo it with {redo(name)}")
-    for path, h in m.get("inputs", {}).items():
-        if Path(path).exists() and hash_of(path) != h:
+    for path in inputs:
+        h = m.get("inputs", {}).get(input_key(path))
+        if h and Path(path).exists() and hash_of(path) != h:
             raise UserError(f"{Path(folder) / outs[0]} was made from {path}, which changed since (redone or "
                             f"replaced); redo it with {redo(name)}")
 
@@ -271,7 +278,8 @@ def check_record(job, stage, only=None):
     with the current settings, and so on up the pipeline."""
     folder, m = stage.folder(job), read_json(manifest_path(job, stage))
     check_settings(job, stage, m, f"{stage.name} output in {folder}", f"redo it with {redo(stage.name)}")
-    check_files(stage.name, folder, m, [Path(only).name] if only else list(stage.outputs))
+    check_files(stage.name, folder, m, [Path(only).name] if only else list(stage.outputs),
+                [p for p, _ in stage.inputs(job)])
     for path, producer in stage.inputs(job):
         if producer in STAGES and Path(path).exists():
             check_fresh(job, producer, path)
@@ -284,7 +292,8 @@ def check_finished(folder, name):
     if not path.exists():
         raise UserError(f"stage {name} has not finished in {folder} (no {path.name}); run --what={name} first")
     m = read_json(path)
-    check_files(name, folder, m, list(m.get("outputs", {})) or ["outputs"])
+    check_files(name, folder, m, list(m.get("outputs", {})) or ["outputs"],
+                [Path(folder).parent / k for k in m.get("inputs", {})])  # the run folders' inputs next to it
 
 
 def check_fresh(job, name, path):
@@ -312,7 +321,7 @@ def start_progress(job, stage):
     Returns the input hashes (taken now, before the stage reads them) for the manifest."""
     now = settings_of(job.cfg, stage.depends)
     rec = dict(stage=stage.name, config=C.hash_settings(now), settings=now,
-               inputs={str(p): hash_of(p) for p, _ in stage.inputs(job) if Path(p).exists()})
+               inputs={input_key(p): hash_of(p) for p, _ in stage.inputs(job) if Path(p).exists()})
     path, folder = progress_path(job, stage), stage.folder(job)
     if path.exists():
         old, fix = read_json(path), f"rerun --what={stage.name} with --force to start it over"
@@ -340,7 +349,7 @@ def write_manifest(job, stage, seconds, inputs=None):
     now = settings_of(job.cfg, stage.depends)
     write_json(manifest_path(job, stage), dict(
         stage=stage.name, config=C.hash_settings(now), settings=now,
-        inputs=inputs if inputs is not None else {str(p): hash_of(p) for p, _ in stage.inputs(job)},
+        inputs=inputs if inputs is not None else {input_key(p): hash_of(p) for p, _ in stage.inputs(job)},
         outputs={o: hash_of(stage.folder(job) / o) for o in stage.outputs},
         code=code_version(), seconds=round(seconds, 2), finished=time.strftime("%Y-%m-%d %H:%M:%S")))
 

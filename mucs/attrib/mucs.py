@@ -12,9 +12,11 @@ import copy
 import fnmatch
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
+from torch.func import functional_call
 
 from mucs.attrib.base import Method, register
 from mucs.diffusion import ladder_at, per_sample_loss
@@ -24,19 +26,77 @@ from mucs.model import build_denoiser, labels_of
 from mucs.train import make_augment, step_generator
 
 
-def item_noise_losses(D, X, labels, sigmas, E, batch):
-    """L[j, m] = per-sample loss of item X[j] under noise (sigmas[m], E[m]): one fused batch of pairs."""
+def item_noise_losses(D, X, labels, sigmas, E, batch, loss=None):
+    """L[j, m] = per-sample loss of item X[j] under noise (sigmas[m], E[m]). The n * M (item, noise) pairs are
+    taken item-major in fused batches of `batch` pairs, so every forward pass is large whatever M is.
+    `loss(y, sigma, eps, labels)` replaces per_sample_loss(D, ...) (e.g. a `LossEvaluator.bind(D)`)."""
     n, M = len(X), len(sigmas)
-    out = torch.empty(n, M)
-    per = max(1, batch // M)
+    loss = loss or (lambda *a: per_sample_loss(D, *a))
+    out = torch.empty(n * M, device=X.device)
     with torch.inference_mode():
-        for i in range(0, n, per):
-            x = X[i: i + per]
-            b = len(x)
-            lab = None if labels is None else labels[i: i + per].repeat_interleave(M, 0)
-            L = per_sample_loss(D, x.repeat_interleave(M, 0), sigmas.repeat(b), E.repeat(b, 1, 1, 1), lab)
-            out[i: i + b] = L.view(b, M).float().cpu()
-    return out
+        for p in range(0, n * M, int(batch)):
+            k = torch.arange(p, min(p + int(batch), n * M), device=X.device)
+            j, m = k // M, k % M
+            out[p: p + len(k)] = loss(X[j], sigmas[m], E[m], None if labels is None else labels[j]).float()
+    return out.view(n, M).cpu()
+
+
+class LossEvaluator:
+    """per_sample_loss for any copy of one denoiser, with the evaluation switches of attrib: `compile` traces it
+    once with the parameters as graph inputs, so the pre model and every unlearned copy share one graph (a
+    short last batch is padded to the traced size instead of recompiling); on CUDA, `eval_autocast` (bf16 |
+    fp16) and `channels_last`. With none of them it is per_sample_loss itself."""
+
+    def __init__(self, D, cfg, device):
+        cuda = torch.device(device).type == "cuda"
+        amp, self.channels_last = cfg.get("eval_autocast", "none"), bool(cfg.get("channels_last", False))
+        if not cuda and (amp != "none" or self.channels_last):
+            warnings.warn("attrib.eval_autocast and attrib.channels_last act on CUDA only; ignored on this device")
+            amp, self.channels_last = "none", False
+        if amp not in ("none", "bf16", "fp16"):
+            raise UserError(f"attrib.eval_autocast must be none, bf16 or fp16, not {amp!r}")
+        self.amp = None if amp == "none" else (torch.bfloat16 if amp == "bf16" else torch.float16)
+        self.device_type = torch.device(device).type
+        # a weightless copy to trace: every evaluated model's weights are then inputs alike (tracing D itself would
+        # specialise the graph to D's own tensors and recompile for the first unlearned copy)
+        self.template, self.size = copy.deepcopy(D).to("meta"), None
+        self.compiled = torch.compile(self._loss, dynamic=False) if cfg.get("compile", False) else None
+
+    def _loss(self, state, y, sigma, eps, labels):
+        return per_sample_loss(WithWeights(self.template, state), y, sigma, eps, labels)
+
+    def bind(self, D):
+        """loss(y, sigma, eps, labels) of the denoiser D (a copy of the template with other weights)."""
+        if self.channels_last:
+            D = D.to(memory_format=torch.channels_last)
+        state = {**dict(D.named_parameters()), **dict(D.named_buffers())}
+
+        def loss(y, sigma, eps, labels):
+            if self.channels_last:
+                y, eps = y.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
+                if self.compiled is None:
+                    return per_sample_loss(D, y, sigma, eps, labels).float()
+                b = len(y)
+                self.size = self.size or b
+                if b < self.size:  # pad to the traced batch size: one graph for every batch
+                    pad = torch.full((self.size - b,), b - 1, device=y.device)
+                    y, sigma, eps, labels = (None if v is None else torch.cat([v, v[pad]]) for v in (y, sigma, eps, labels))
+                return self.compiled(state, y, sigma, eps, labels)[:b].float()
+        return loss
+
+
+class WithWeights:
+    """The denoiser D called with other weights (torch.func.functional_call), so a trace sees them as inputs."""
+
+    def __init__(self, D, state):
+        self.D, self.state = D, state
+
+    def __call__(self, *args):
+        return functional_call(self.D, self.state, args)
+
+    def loss_weight(self, sigma):
+        return self.D.loss_weight(sigma)
 
 
 def trainable_names(D, patterns):
@@ -57,8 +117,8 @@ class MUCS(Method):
         self.labels = labels_of(ctx.train, ctx.cfg.model, ctx.meta)
         self.labels = None if self.labels is None else self.labels.to(dev)
         self.sigmas, self.E = self.fixed_noise(cfg.noise_seed)
-        self.L_orig = self.cached("L_orig", lambda: item_noise_losses(ctx.D, self.X, self.labels, self.sigmas, self.E,
-                                                                     cfg.eval_batch))
+        self.evaluator = LossEvaluator(ctx.D, cfg, dev)
+        self.L_orig = self.cached("L_orig", lambda: self.losses(ctx.D, self.sigmas, self.E))
         self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(self.cached("L_null", self.estimate_L_null))
         patterns = cfg.trainable.get(ctx.cfg.model.net) if hasattr(cfg.trainable, "get") else cfg.trainable
         self.trainable = trainable_names(ctx.D, patterns or [])
@@ -82,6 +142,9 @@ class MUCS(Method):
         key = dict(what=what, weights=file_hash(weights), ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16],
                    sample=dict(ctx.cfg.sample), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
                    null_batches=cfg.null_batches, job_seed=ctx.seed)
+        switches = {k: cfg.get(k) for k in ("compile", "eval_autocast") if cfg.get(k) not in (None, False, "none")}
+        if what == "L_orig" and switches:  # L_orig and L_unl go through the same evaluation path
+            key["eval"] = switches
         h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = Path(ctx.shared_dir) / "mucs-cache" / f"{what}-{h}.safetensors"
         if path.exists():
@@ -104,6 +167,10 @@ class MUCS(Method):
                 lab = None if self.labels is None else self.labels[idx]
                 total += per_sample_loss(D0, self.X[idx], sigma.to(ctx.device), eps.to(ctx.device), lab).mean().item()
         return total / int(self.cfg.null_batches)
+
+    def losses(self, D, sigmas, E):
+        """L[j, m] of denoiser D over the training set under the noises (sigmas, E)."""
+        return item_noise_losses(D, self.X, self.labels, sigmas, E, self.cfg.eval_batch, self.evaluator.bind(D))
 
     # -- step 1: mirrored, bounded unlearning -----------------------------------------------------
 
@@ -169,7 +236,7 @@ class MUCS(Method):
             D_u, info = self.unlearn(x[k: k + 1].to(self.ctx.device), y_g, t)
             sigmas, E = (self.sigmas, self.E) if self.cfg.consistent_noise else self.fixed_noise(
                 self.cfg.noise_seed + 1 + self.ctx.seed * 100003 + t)
-            L_unl = item_noise_losses(D_u, self.X, self.labels, sigmas, E, self.cfg.eval_batch)
+            L_unl = self.losses(D_u, sigmas, E)
             scores.append(self.skew(L_unl, self.L_orig))
             infos.append(info)
         return torch.stack(scores), infos

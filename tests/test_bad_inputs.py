@@ -32,6 +32,15 @@ RUN = "digits_dit_edm_s1_k2.0_na3_sb0"
 MARKER = Path("/tmp/mucs-test-pickle-ran")  # a pickle's payload would create it
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def base(data_root, tmp_path_factory):
     """One finished run of the five stages, copied afresh for every case."""
@@ -233,7 +242,7 @@ def run(case, args, capsys):
     if case.sub:
         script = "pipeline.py" if case.tool == "pipeline" else "eval.py"
         r = subprocess.run([sys.executable, str(ROOT / script)] + args, cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
         return r.returncode, r.stderr
     capsys.readouterr()
     code = (run_pipeline if case.tool == "pipeline" else run_eval)(args)

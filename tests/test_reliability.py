@@ -1,6 +1,6 @@
 """Killed stages resume to the same bytes, and one run folder has one writer at a time.
 
-- Every stage (training, generation, MUCS attribution, retraining, regeneration) is SIGKILLed at seeded
+- Every stage (training, generation, MUCS attribution, retraining, regeneration, LDS) is SIGKILLed at seeded
   random points of its progress, rerun, and its outputs compared with an uninterrupted run's.
 - The folder lock: a live holder is named and waited for, a dead one (same host) is taken over, another
   host's is left alone unless it is our own requeued Slurm job, and two pipelines on one folder do not mix.
@@ -29,26 +29,38 @@ from mucs.lock import LOCK, FolderLock
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "digits_dit_edm_s1_k2.0_na4_sb300"
 # slow enough to be killed mid-way, seconds in all: 32 training steps saved every 4 on 300 items, 12 candidates
-# sampled one per batch, 4 MUCS targets
+# sampled one per batch, 4 MUCS targets, 2 LDS models of 16 steps
 SLOW = [o for o in TINY if not o.startswith(("train.steps", "num_attrib"))] + [
-    "train.steps=32", "subsample=300", "num_attrib=4", "sample.batch=1", "sample.num_steps=12", "attrib=mucs",
-    "attrib.num_noises=16", "attrib.null_batches=10", "attrib.eval_batch=2048", "attrib.max_steps=20"]
-STAGES = ["tpre", "gpre", "a", "tpost", "gpost"]
+    "train.steps=32", "subsample=300", "num_attrib=4", "sample.batch=1", "sample.num_steps=24", "attrib=mucs",
+    "attrib.num_noises=16", "attrib.null_batches=10", "attrib.eval_batch=2048", "attrib.max_steps=40",
+    "lds.num_subsets=2", "lds.num_seeds=1", "lds.steps=16", "lds.num_noises=8", "lds.bootstrap=50"]
+STAGES = ["tpre", "gpre", "a", "tpost", "gpost", "lds"]
 OUTPUTS = {"tpre": ["model-best.safetensors", "model-last.safetensors", "train_log.csv"],
            "gpre": ["samples.safetensors", "samples.png"],
            "a": ["attrib.safetensors", "attrib_log.jsonl"],
            "tpost": ["model-best.safetensors", "model-last.safetensors", "train_log.csv"],
-           "gpost": ["samples.safetensors", "samples.png"]}
-KILLS = {"tpre": 3, "gpre": 2, "a": 2, "tpost": 2, "gpost": 2}  # at least 10 must land before the end
+           "gpost": ["samples.safetensors", "samples.png"],
+           "lds": ["lds-outputs.safetensors", "m0_s0/model-best.safetensors", "m1_s0/model-last.safetensors"]}
+KILLS = {"tpre": 2, "gpre": 2, "a": 2, "tpost": 2, "gpost": 1, "lds": 2}  # at least 10 must land before the end
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread here and in the subprocesses: the same float sums in both, and tiny models run several times
+    faster than with two threads on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def env():
-    """The subprocesses use as many threads as this one, so their float sums are the same."""
-    return dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def folder_of(logs, stage):
-    return logs / (f"{RUN}--pre" if stage in ("tpre", "gpre") else f"{RUN}--post_mucs")
+    return logs / (f"{RUN}--pre" if stage in ("tpre", "gpre") else f"{RUN}--lds" if stage == "lds" else
+                   f"{RUN}--post_mucs")
 
 
 def overrides(data_root, logs):
@@ -68,6 +80,8 @@ def progress(stage, folder):
     if stage in ("tpre", "tpost"):
         p = folder / "train-state.pt"
         return p.stat().st_mtime_ns if p.exists() else 0
+    if stage == "lds":  # its models' training states and measured outputs
+        return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in folder.glob("m*/*") if p.suffix in (".pt", ".safetensors")))
     parts = folder / ("attrib-parts" if stage == "a" else f"{stage}-parts")
     return len(list(parts.glob("*.safetensors"))) if parts.exists() else 0
 
@@ -95,7 +109,7 @@ def kill_at_random_point(stage, args, folder, rng):
             if started and len(seen) >= steps:
                 break
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
+        time.sleep(rng.uniform(0, 0.15))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
     finally:

@@ -237,6 +237,8 @@ def settings_of(cfg, keys):
     s = C.sections(cfg, *keys)
     if isinstance(s.get("data"), dict):
         s["data"] = {k: v for k, v in s["data"].items() if k != "folder"}
+    if isinstance(s.get("attrib"), dict):  # how fast, not what: batch layout and compilation change only float noise
+        s["attrib"] = {k: v for k, v in s["attrib"].items() if k not in ("eval_batch", "compile", "channels_last")}
     return s
 
 

@@ -165,12 +165,12 @@ def throughput(m, device, rounds, pairs, compiled=None):
     X, lab = m.X[:n], None if m.labels is None else m.labels[:n]
     fpp = count_flops(lambda: item_noise_losses(m.ctx.D, X[:1], None if lab is None else lab[:1], m.sigmas[:1],
                                                 m.E[:1], 1))
-    evals = {"eager": lambda: item_noise_losses(m.ctx.D, X, lab, m.sigmas, m.E, m.cfg.eval_batch)}
-    out = dict(flops_per_pair=fpp, pairs=n * len(m.sigmas), eval_batch=int(m.cfg.eval_batch))
+    evals = {"eager": lambda: item_noise_losses(m.ctx.D, X, lab, m.sigmas, m.E, m.eval_batch)}
+    out = dict(flops_per_pair=fpp, pairs=n * len(m.sigmas), eval_batch=m.eval_batch)
     if compiled is not None:
         compiled.prepare()
         loss = compiled.evaluator.bind(m.ctx.D)
-        evals["compiled"] = lambda: item_noise_losses(m.ctx.D, X, lab, m.sigmas, m.E, m.cfg.eval_batch, loss)
+        evals["compiled"] = lambda: item_noise_losses(m.ctx.D, X, lab, m.sigmas, m.E, m.eval_batch, loss)
         out["compile_s"] = round(timed(evals["compiled"], device)[0], 1)  # the first call compiles
     evals["eager"]()  # warm-up
     rates = {k: [] for k in evals}
@@ -201,7 +201,7 @@ def paths(root):
 def digits_overrides(args, root, quick):
     over = ["job=digits_dit_edm", "attrib=mucs", "seed=1", f"device={args.device}", *paths(root)]
     if quick:
-        over += ["train.steps=40", "num_attrib=2", "subsample=400"]
+        over += ["train.steps=40", "num_attrib=2", "subsample=400", "attrib.max_steps=10"]  # barely trained: cap unlearning
     return over + args.overrides
 
 
@@ -250,8 +250,8 @@ def attribution(over, args):
     index = list(range(min(args.targets, len(x))))
     res = dict(compare=compare(m, x, labels, index, int(job.cfg.num_attrib), job.device))
     compiled = MUCS(OmegaConf.merge(job.cfg.attrib, {"compile": True}), ctx) if args.compile else None
-    pairs = (2 if args.quick else 4) * int(job.cfg.attrib.eval_batch)
-    res["throughput"] = throughput(m, job.device, args.rounds, pairs, compiled)
+    m.prepare()
+    res["throughput"] = throughput(m, job.device, args.rounds, (2 if args.quick else 4) * m.eval_batch, compiled)
     res["mucs_s_per_target"] = statistics.median(r["fast_s"] for r in res["compare"]["targets"])
     res["train_items"], res["num_noises"] = len(ctx.train), int(job.cfg.attrib.num_noises)
     return res
@@ -315,7 +315,7 @@ def main(argv):
     p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 5; quick 2)")
     p.add_argument("--compile", action="store_true", help="also measure attrib.compile (eager vs compiled, interleaved)")
     p.add_argument("--cifar_width", type=int, default=256)
-    p.add_argument("--cifar_eval_batch", type=int, default=256)
+    p.add_argument("--cifar_eval_batch", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads here and in the stages (default: torch's own choice)")
     p.add_argument("--pre", type=Path, help="a finished pre run folder of the full digits job (tpre, gpre) to attribute "

@@ -41,6 +41,16 @@ def item_noise_losses(D, X, labels, sigmas, E, batch, loss=None):
     return out.view(n, M).cpu()
 
 
+def pairs_per_batch(eval_batch, X):
+    """attrib.eval_batch, or for "auto" 2^18 input values per forward pass (4,096 pairs at 8x8, 85 at 32x32 RGB):
+    large enough to keep the matmuls busy, small enough for the activations of a paper-sized model."""
+    if eval_batch == "auto":
+        return max(1, 2 ** 18 // X[0].numel())
+    if not str(eval_batch).isdigit() or int(eval_batch) < 1:
+        raise UserError(f"attrib.eval_batch must be a positive number of (item, noise) pairs or auto, not {eval_batch!r}")
+    return int(eval_batch)
+
+
 class LossEvaluator:
     """per_sample_loss for any copy of one denoiser, with the evaluation switches of attrib: `compile` traces it
     once with the parameters as graph inputs, so the pre model and every unlearned copy share one graph (a
@@ -118,6 +128,7 @@ class MUCS(Method):
         self.labels = None if self.labels is None else self.labels.to(dev)
         self.sigmas, self.E = self.fixed_noise(cfg.noise_seed)
         self.evaluator = LossEvaluator(ctx.D, cfg, dev)
+        self.eval_batch = pairs_per_batch(cfg.eval_batch, self.X)
         self.L_orig = self.cached("L_orig", lambda: self.losses(ctx.D, self.sigmas, self.E))
         self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(self.cached("L_null", self.estimate_L_null))
         patterns = cfg.trainable.get(ctx.cfg.model.net) if hasattr(cfg.trainable, "get") else cfg.trainable
@@ -170,7 +181,7 @@ class MUCS(Method):
 
     def losses(self, D, sigmas, E):
         """L[j, m] of denoiser D over the training set under the noises (sigmas, E)."""
-        return item_noise_losses(D, self.X, self.labels, sigmas, E, self.cfg.eval_batch, self.evaluator.bind(D))
+        return item_noise_losses(D, self.X, self.labels, sigmas, E, self.eval_batch, self.evaluator.bind(D))
 
     # -- step 1: mirrored, bounded unlearning -----------------------------------------------------
 

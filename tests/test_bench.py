@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses
+from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses, pairs_per_batch
 from mucs.cli import run_pipeline
 from mucs.config import REPO, compose
 from mucs.diffusion import per_sample_loss
@@ -39,6 +39,15 @@ def test_flop_counter_on_known_matmuls():
     lin = torch.nn.Linear(48, 32)
     assert bench.count_flops(lin, a) == 2 * 64 * 48 * 32  # the bias add is not a FLOP the counter counts
     assert bench.matmul_peak("cpu", n=128, reps=2) > 0
+
+
+def test_eval_batch_auto_and_bad_values():
+    assert pairs_per_batch("auto", torch.zeros(5, 1, 8, 8)) == 4096
+    assert pairs_per_batch("auto", torch.zeros(5, 3, 32, 32)) == 85
+    assert pairs_per_batch(100, torch.zeros(5, 1, 8, 8)) == 100
+    for bad in (0, -3, "many"):
+        with pytest.raises(UserError, match="eval_batch"):
+            pairs_per_batch(bad, torch.zeros(5, 1, 8, 8))
 
 
 def test_run_stage_reads_cpu_time_and_peak_memory(tmp_path):

@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from mucs.attrib.mucs import MUCS, item_noise_losses
+from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses
 from mucs.cli import guard
 from mucs.config import REPO, compose, pre_dir
 from mucs.data import write_dataset
@@ -157,10 +157,10 @@ def compare(m, x, labels, index, num_attrib, device):
                 spearman_min=min((r["spearman"] for r in rows if r["spearman"] is not None), default=None))
 
 
-def throughput(m, device, rounds, pairs, compiled=None):
+def throughput(m, device, rounds, pairs, compile=False):
     """Loss-evaluation throughput of the pre model over `pairs` (item, noise) pairs, each round right after a
-    peak measurement: pairs/s, GFLOP/s and fraction of peak (medians over rounds; with `compiled`, a MUCS with
-    attrib.compile, also its rounds, interleaved, and its compile seconds)."""
+    peak measurement: pairs/s, GFLOP/s and fraction of peak (medians over rounds; with `compile`, also the
+    attrib.compile evaluator's rounds, interleaved, and its compile seconds: first pass minus a steady one)."""
     m.prepare()
     n = max(1, min(len(m.X), pairs // len(m.sigmas)))
     X, lab = m.X[:n], None if m.labels is None else m.labels[:n]
@@ -168,11 +168,10 @@ def throughput(m, device, rounds, pairs, compiled=None):
                                                 m.E[:1], 1))
     evals = {"eager": lambda: item_noise_losses(m.ctx.D, X, lab, m.sigmas, m.E, m.eval_batch)}
     out = dict(flops_per_pair=fpp, pairs=n * len(m.sigmas), eval_batch=m.eval_batch)
-    if compiled is not None:
-        compiled.prepare()
-        loss = compiled.evaluator.bind(m.ctx.D)
+    if compile:
+        loss = LossEvaluator(m.ctx.D, OmegaConf.merge(m.cfg, {"compile": True}), device).bind(m.ctx.D)
         evals["compiled"] = lambda: item_noise_losses(m.ctx.D, X, lab, m.sigmas, m.E, m.eval_batch, loss)
-        out["compile_s"] = round(timed(evals["compiled"], device)[0], 1)  # the first call compiles
+        first = timed(evals["compiled"], device)[0]  # compiles
     evals["eager"]()  # warm-up
     rates = {k: [] for k in evals}
     for r in range(rounds):
@@ -181,12 +180,13 @@ def throughput(m, device, rounds, pairs, compiled=None):
             rate = n * len(m.sigmas) / timed(evals[k], device)[0]
             rates[k].append((rate, rate * fpp / 1e9 / peak, peak))
     for k, v in rates.items():
-        out[k] = dict(pairs_per_s=round(statistics.median(r[0] for r in v), 1),
+        out[k] = dict(pairs=n * len(m.sigmas), pairs_per_s=round(statistics.median(r[0] for r in v), 1),
                       gflops=round(statistics.median(r[0] * fpp / 1e9 for r in v), 2),
                       frac_peak=round(statistics.median(r[1] for r in v), 3),
                       frac_peak_best=round(max(r[1] for r in v), 3),
                       peak_gflops=round(statistics.median(r[2] for r in v), 1))
-    if compiled is not None:
+    if compile:
+        out["compile_s"] = round(first - out["compiled"]["pairs"] / out["compiled"]["pairs_per_s"], 1)
         out["compile_speedup"] = round(statistics.median(c[0] / e[0] for c, e in zip(rates["compiled"], rates["eager"])), 3)
     return out
 
@@ -251,9 +251,7 @@ def attribution(over, args):
     x, labels = targets_of(job)
     index = list(range(min(args.targets, len(x))))
     res = dict(compare=compare(m, x, labels, index, int(job.cfg.num_attrib), job.device))
-    compiled = MUCS(OmegaConf.merge(job.cfg.attrib, {"compile": True}), ctx) if args.compile else None
-    m.prepare()
-    res["throughput"] = throughput(m, job.device, args.rounds, (2 if args.quick else 4) * m.eval_batch, compiled)
+    res["throughput"] = throughput(m, job.device, args.rounds, (2 if args.quick else 4) * m.eval_batch, args.compile)
     res["mucs_s_per_target"] = statistics.median(r["fast_s"] for r in res["compare"]["targets"])
     res["train_items"], res["num_noises"] = len(ctx.train), int(job.cfg.attrib.num_noises)
     return res

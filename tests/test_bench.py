@@ -42,8 +42,9 @@ def test_flop_counter_on_known_matmuls():
 
 
 def test_eval_batch_auto_and_bad_values():
-    assert pairs_per_batch("auto", torch.zeros(5, 1, 8, 8)) == 4096
-    assert pairs_per_batch("auto", torch.zeros(5, 3, 32, 32)) == 85
+    assert pairs_per_batch("auto", torch.zeros(5, 1, 8, 8)) == 256  # CPU: cache-sized batches
+    assert pairs_per_batch("auto", torch.zeros(5, 3, 32, 32)) == 5
+    assert pairs_per_batch("auto", torch.zeros(5, 3, 256, 256)) == 1
     assert pairs_per_batch(100, torch.zeros(5, 1, 8, 8)) == 100
     for bad in (0, -3, "many"):
         with pytest.raises(UserError, match="eval_batch"):
@@ -84,6 +85,10 @@ def test_straightforward_loop_gives_the_fast_scores(tiny_job):
     res = bench.compare(m, x, labels, [0], num_attrib=1, device="cpu")
     row = res["targets"][0]
     assert row["spearman"] >= 0.999 and row["speedup"] > 0 and row["fast_s"] > 0 and res["L_orig_s"] > 0
+    t = bench.throughput(m, "cpu", rounds=1, pairs=64)
+    one = bench.count_flops(lambda: per_sample_loss(m.ctx.D, m.X[:1], m.sigmas[:1], m.E[:1], m.labels[:1]))
+    assert t["flops_per_pair"] == one > 0 and t["pairs"] == 64
+    assert t["eager"]["pairs_per_s"] > 0 and 0 < t["eager"]["frac_peak"] <= t["eager"]["frac_peak_best"]
 
 
 def test_compiled_evaluation_matches_eager_with_one_graph(tiny_job):

@@ -68,10 +68,12 @@ class LossEvaluator:
             raise UserError(f"attrib.eval_autocast must be none, bf16 or fp16, not {amp!r}")
         self.amp = None if amp == "none" else (torch.bfloat16 if amp == "bf16" else torch.float16)
         self.device_type = torch.device(device).type
-        # a weightless copy to trace: every evaluated model's weights are then inputs alike (tracing D itself would
-        # specialise the graph to D's own tensors and recompile for the first unlearned copy)
-        self.template, self.size = copy.deepcopy(D).to("meta"), None
-        self.compiled = torch.compile(self._loss, dynamic=False) if cfg.get("compile", False) else None
+        self.compiled, self.size = None, None
+        if cfg.get("compile", False):
+            # a weightless copy to trace: every evaluated model's weights are then inputs alike (tracing D itself
+            # would specialise the graph to D's own tensors and recompile for the first unlearned copy)
+            self.template = copy.deepcopy(D).to("meta")
+            self.compiled = torch.compile(self._loss, dynamic=False)
 
     def _loss(self, state, y, sigma, eps, labels):
         return per_sample_loss(WithWeights(self.template, state), y, sigma, eps, labels)

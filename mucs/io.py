@@ -16,6 +16,10 @@ from mucs.errors import UserError
 META = "mucs"  # the one metadata entry of our safetensors files
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
@@ -23,6 +27,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

@@ -289,3 +289,19 @@ def test_two_pipelines_on_one_folder(reference, data_root, tmp_path):
                 p.wait()
     assert not (folder / LOCK).exists()
     assert_same_outputs("tpre", folder_of(reference, "tpre"), folder)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    # mkstemp makes 0600 files; a shared run folder's outputs must be readable by the group like any file
+    from mucs.io import save_tensors, torch_save, write_text
+    want = 0o666 & ~_umask()
+    save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    torch_save(tmp_path / "b.pt", {"x": 1})
+    write_text(tmp_path / "c.txt", "c")
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["a.safetensors", "b.pt", "c.txt"], want)
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The embedded default end to end: set up, then run all five stages for random removal and each method
-# on the digits job, then eval. Usage: bash scripts/demo.sh [methods (default: pixel mucs)] [-- overrides]
+# on the digits job, then eval. Usage: bash scripts/demo.sh [methods (default: pixel)] [-- overrides]
+# Finished stages are skipped, so `bash scripts/demo.sh pixel,mucs` after the default adds only MUCS's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash install_requirements.sh
 PY=.venv/bin/python
-methods=(pixel mucs)
+methods=(pixel)
 [ $# -gt 0 ] && [ "$1" != "--" ] && { IFS=, read -ra methods <<< "$1"; shift; }
 [ "${1:-}" = "--" ] && shift
 job=${JOB:-digits_dit_edm}

@@ -20,6 +20,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def write_planted(folder, n_train):
+    """The planted known-answer dataset: `n_train` digits plus 6 noisy copies of one held-out digit (ids
+    1000-1005); the test split starts with a 7th copy, so the first target's copies are the right answer."""
+    import numpy as np
+    from mucs.data import build_digits, load_split, write_dataset
+    build_digits(folder.parent / "digits")
+    tr, te = load_split(folder.parent / "digits", "train"), load_split(folder.parent / "digits", "test")
+    rng = np.random.default_rng(0)
+    base = te.images[0].numpy().astype(int)
+    copies = np.stack([np.clip(base + rng.integers(-8, 9, base.shape), 0, 255) for _ in range(7)]).astype(np.uint8)
+    write_dataset(folder, dict(name="planted", num_classes=10, cond="class", resolution=8, channels=1),
+                  dict(train=dict(images=np.concatenate([tr.images[:n_train].numpy(), copies[:6]]),
+                                  ids=np.r_[np.arange(n_train), np.arange(1000, 1006)],
+                                  labels=np.r_[tr.labels[:n_train].numpy(), [int(te.labels[0])] * 6]),
+                       test=dict(images=np.concatenate([copies[6:], te.images[1:40].numpy()]), ids=np.arange(40),
+                                 labels=np.r_[int(te.labels[0]), te.labels[1:40].numpy()])))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     """One digits dataset for the whole session (built from scikit-learn's bundled copy)."""

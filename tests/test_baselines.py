@@ -13,10 +13,11 @@ from torch import nn
 from mucs.attrib.base import get_method
 from mucs.cli import run_pipeline
 from mucs.config import compose, post_dir
-from mucs.data import build_digits, load_split, write_dataset
+from mucs.data import load_split
 from mucs.errors import UserError
 from mucs.io import save_tensors
 from mucs.stages import Job, attrib_context
+from conftest import write_planted
 
 COPIES = list(range(1000, 1006))
 METHODS = ["clip", "dino", "sscd", "cond", "kernel", "dtrak", "das", "abu"]
@@ -103,20 +104,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """200 digits plus 6 noisy copies of one extra digit (ids 1000-1005); the test split starts with a 7th copy."""
-    root = tmp_path_factory.mktemp("planted")
-    build_digits(root / "digits")
-    tr, te = load_split(root / "digits", "train"), load_split(root / "digits", "test")
-    rng = np.random.default_rng(0)
-    base = te.images[0].numpy().astype(int)
-    copies = np.stack([np.clip(base + rng.integers(-8, 9, base.shape), 0, 255) for _ in range(7)]).astype(np.uint8)
-    write_dataset(root / "planted", dict(name="planted", num_classes=10, cond="class", resolution=8, channels=1),
-                  dict(train=dict(images=np.concatenate([tr.images[:200].numpy(), copies[:6]]),
-                                  ids=np.r_[np.arange(200), COPIES],
-                                  labels=np.r_[tr.labels[:200].numpy(), [int(te.labels[0])] * 6]),
-                       test=dict(images=np.concatenate([copies[6:], te.images[1:40].numpy()]), ids=np.arange(40),
-                                 labels=np.r_[int(te.labels[0]), te.labels[1:40].numpy()])))
-    return root / "planted"
+    return write_planted(tmp_path_factory.mktemp("planted") / "planted", 200)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 pre-model losses equal a fresh computation, and each ablation switch changes what it should."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -10,8 +9,9 @@ from omegaconf import OmegaConf
 from mucs.attrib.mucs import MUCS, item_noise_losses
 from mucs.cli import run_pipeline
 from mucs.config import compose
-from mucs.data import build_digits, load_split, write_dataset
+from mucs.data import load_split
 from mucs.stages import Job, attrib_context, targets_of
+from conftest import write_planted
 
 FAST = ["attrib=mucs", "attrib.num_noises=16", "attrib.null_batches=10", "attrib.eval_batch=2048",
         "attrib.max_steps=30"]
@@ -19,20 +19,8 @@ FAST = ["attrib=mucs", "attrib.num_noises=16", "attrib.null_batches=10", "attrib
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """300 digits plus 6 noisy copies of one extra digit (ids 1000-1005); the test split holds a 7th copy."""
     root = tmp_path_factory.mktemp("planted")
-    build_digits(root / "digits")
-    tr, te = load_split(root / "digits", "train"), load_split(root / "digits", "test")
-    rng = np.random.default_rng(0)
-    base = te.images[0].numpy().astype(int)
-    copies = np.stack([np.clip(base + rng.integers(-8, 9, base.shape), 0, 255) for _ in range(7)]).astype(np.uint8)
-    imgs = np.concatenate([tr.images[:300].numpy(), copies[:6]])
-    ids = np.r_[np.arange(300), np.arange(1000, 1006)]
-    labels = np.r_[tr.labels[:300].numpy(), [int(te.labels[0])] * 6]
-    write_dataset(root / "planted", dict(name="planted", num_classes=10, cond="class"),
-                  dict(train=dict(images=imgs, ids=ids, labels=labels),
-                       test=dict(images=np.concatenate([copies[6:], te.images[1:40].numpy()]),
-                                 ids=np.arange(40), labels=np.r_[int(te.labels[0]), te.labels[1:40].numpy()])))
+    write_planted(root / "planted", 300)
     return root
 
 

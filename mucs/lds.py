@@ -140,7 +140,7 @@ def run_unit(job, i, j, masks, x, y, key):
     """Train unit (i, j) (resuming), measure the queries under it; cached in its folder against `key` and its
     weights."""
     from mucs.model import load_denoiser
-    from mucs.train import train
+    from mucs.train import STATE, train
 
     d = unit_dir(job, i, j)
     path = d / UNIT_OUTPUT
@@ -152,6 +152,7 @@ def run_unit(job, i, j, masks, x, y, key):
     train(subset_cfg(job.cfg, j), sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
     D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
     save_tensors(path, dict(f=measure(job, D, x, y).float()), metadata=dict(key=key, weights=file_hash(job.weights(d))))
+    (d / STATE).unlink(missing_ok=True)  # done: its 4x-weights resume state would fill a disk at 64 x 3 models
 
 
 def run(job, shard=(0, 1)):

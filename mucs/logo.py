@@ -23,7 +23,7 @@ from mucs import config as C
 from mucs.errors import UserError
 from mucs.groups import collapse, load_groups, without
 from mucs.io import atomic_path, load_tensor_metadata, load_tensors, read_json, save_tensors, write_json, write_text
-from mucs.train import train
+from mucs.train import STATE, train
 
 LOGO = "logo.safetensors"
 GROUP_SCORES = "group_scores.safetensors"  # a method's group view, in its post folder
@@ -66,12 +66,16 @@ def run_logo(job, shard=(0, 1)):
 def train_group(job, groups, k):
     """LOGO model k: the pre recipe on the training split without group k (resumes; returns at once if done)."""
     d, name = group_dir(logo_dir(job.cfg), k), groups.names[k]
+    if (d / RECORD).exists() and job.weights(d).exists():
+        print(f"[logo {name}] already trained ({d})")
+        return
     kept = without(job.train_split, groups, k)
     t0 = time.time()
     out = train(job.cfg, kept, job.test_split, job.meta, d, job.device, desc=f"logo {name}", world=job.world)
     if job.world.main and not (d / RECORD).exists():  # seconds of the attempt that finished it
         write_json(d / RECORD, dict(group=name, removed=len(groups.members(k)), kept=len(kept),
                                     seconds=round(time.time() - t0, 2), **out))
+        (d / STATE).unlink(missing_ok=True)  # done: the resume state is 4x the weights, K of them per seed
 
 
 def score_logo(job, groups):
@@ -99,7 +103,7 @@ def clear_logo(job, shard=(0, 1)):
     folder = logo_dir(job.cfg)
     K = len(load_groups(job.cfg.groups, job.train_split, job.meta))
     for k in shard_groups(K, shard):
-        for f in ("train-state.pt", RECORD):
+        for f in (STATE, RECORD):
             (group_dir(folder, k) / f).unlink(missing_ok=True)
 
 

@@ -82,6 +82,7 @@ def test_lds_stage_shards_merge_resume_and_table(tiny, capsys):
     # shard 0/3 trains and measures unit m0_s0 only, and writes no manifest
     assert run_pipeline(["--what=lds", "--shard=0/3"] + over) == 0
     assert (d / "m0_s0" / L.UNIT_OUTPUT).exists() and not (d / "m1_s0").exists()
+    assert not (d / "m0_s0" / "train-state.pt").exists()  # a measured unit keeps its weights, not its resume state
     assert not (d / "lds.manifest.json").exists()
     # merging before the other shards ran names what is missing
     capsys.readouterr()

@@ -1,6 +1,7 @@
 """What the methods' removals are, on finished digits runs (the analysis behind README "Measured on digits").
 
-Per seed: items removed; share of each sample's class removed and its post similarity (targets, controls);
+Per seed: items removed; share of each sample's class removed, share of its 10 nearest training items (pixel
+distance to the pre image) removed, and its post similarity (targets, controls);
 how target-specific the scores are (mean pairwise Spearman between targets' score vectors, share of top
 entries in >= 3 targets' lists); how typical the removed items are (mean distance to their 10 nearest
 training neighbours, share in the densest quartile).
@@ -33,6 +34,7 @@ def main(argv=None):
         knn = dist.topk(10, largest=False).values.mean(1).numpy()  # small: a dense neighbourhood
         pre = load_tensors(job.pre / "samples.safetensors")
         na, slab = int(pre["num_attrib"]), pre["labels"].numpy()
+        near = torch.cdist(pre["images"].flatten(1), X).topk(10, largest=False).indices.numpy()  # [samples, 10]
         for m in args.methods.split(","):
             post = f"{logs}/{run}--post_{m}"
             a = load_attrib(post)
@@ -40,8 +42,9 @@ def main(argv=None):
             removed = np.isin(ids, np.unique(top))
             share = np.bincount(lab[removed], minlength=lab.max() + 1) / np.bincount(lab)
             sims = pd.read_csv(f"{post}/eval-sims.csv").drop_duplicates("sample", keep="last").set_index("sample")
-            rows += [dict(seed=seed, method=m, control=i >= na, class_share=share[slab[i]], ssim=sims.loc[i, "ssim"],
-                          feat=sims.loc[i, "feat"]) for i in range(len(slab))]
+            rows += [dict(seed=seed, method=m, control=i >= na, class_share=share[slab[i]],
+                          near_share=removed[near[i]].mean(), ssim=sims.loc[i, "ssim"], feat=sims.loc[i, "feat"])
+                     for i in range(len(slab))]
             r = spearmanr(a["scores"].numpy().T).correlation
             u, c = np.unique(top, return_counts=True)
             spec.append(dict(seed=seed, method=m, removed=int(removed.sum()),
@@ -51,9 +54,10 @@ def main(argv=None):
                              dense_quartile=np.mean(knn[removed] <= np.quantile(knn, 0.25))))
     df = pd.DataFrame(rows)
     print(pd.DataFrame(spec).round(3).to_string(index=False))
-    print(df.groupby(["method", "control"])[["class_share", "ssim", "feat"]].mean().round(4))
+    print(df.groupby(["method", "control"])[["class_share", "near_share", "ssim", "feat"]].mean().round(4))
     for m, c in df[df.control].groupby("method"):
-        print(f"{m}: controls' corr(class_share, ssim) = {c.class_share.corr(c.ssim):.3f}")
+        print(f"{m}: controls' corr(class_share, ssim) = {c.class_share.corr(c.ssim):.3f}, "
+              f"corr(near_share, ssim) = {c.near_share.corr(c.ssim):.3f}")
 
 
 if __name__ == "__main__":

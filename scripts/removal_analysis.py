@@ -8,6 +8,7 @@ training neighbours, share in the densest quartile).
 Usage: python scripts/removal_analysis.py [--methods=random,pixel,mucs] [--seeds=1,2,3] [key=value ...]
 """
 import argparse
+import sys
 
 import numpy as np
 import pandas as pd
@@ -16,10 +17,12 @@ from scipy.stats import spearmanr
 
 from mucs import config as C, stages as S
 from mucs.attrib.base import load_attrib
+from mucs.cli import guard
+from mucs.errors import UserError
 from mucs.io import load_tensors
 
 
-def main(argv=None):
+def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="random,pixel,mucs")
     ap.add_argument("--seeds", default="1,2,3")
@@ -27,7 +30,7 @@ def main(argv=None):
     rows, spec = [], []
     for seed in map(int, args.seeds.split(",")):
         job = S.Job(C.compose(over + [f"seed={seed}"]))
-        tr, logs, run = job.train_split, job.cfg.paths.logs, C.run_name(job.cfg)
+        tr = job.train_split
         lab, ids = tr.labels.numpy(), tr.ids.numpy()
         X = tr.float_images().flatten(1)
         dist = torch.cdist(X, X).fill_diagonal_(float("inf"))
@@ -36,12 +39,14 @@ def main(argv=None):
         na, slab = int(pre["num_attrib"]), pre["labels"].numpy()
         near = torch.cdist(pre["images"].flatten(1), X).topk(10, largest=False).indices.numpy()  # [samples, 10]
         for m in args.methods.split(","):
-            post = f"{logs}/{run}--post_{m}"
+            post = C.post_dir(job.cfg, m)
             a = load_attrib(post)
             top = a["top_ids"].numpy()
-            removed = np.isin(ids, np.unique(top))
+            removed = np.isin(ids, np.unique(top))  # what tpost removed (Job.removed_ids)
             share = np.bincount(lab[removed], minlength=lab.max() + 1) / np.bincount(lab)
-            sims = pd.read_csv(f"{post}/eval-sims.csv").drop_duplicates("sample", keep="last").set_index("sample")
+            if not (post / "eval-sims.csv").exists():
+                raise UserError(f"no {post / 'eval-sims.csv'}; run eval.py on this job with --methods=random,{m} first")
+            sims = pd.read_csv(post / "eval-sims.csv").set_index("sample")
             rows += [dict(seed=seed, method=m, control=i >= na, class_share=share[slab[i]],
                           near_share=removed[near[i]].mean(), ssim=sims.loc[i, "ssim"], feat=sims.loc[i, "feat"])
                      for i in range(len(slab))]
@@ -61,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard(main)())

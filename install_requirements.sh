@@ -16,9 +16,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing into .venv (torch==$TORCH torchvision==$TORCHVISION, then requirements.txt)"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==$TORCH" "torchvision==$TORCHVISION"
-.venv/bin/python -m pip install -q -r requirements.txt "torch==$TORCH" "torchvision==$TORCHVISION"
-.venv/bin/python -m pip install -q --no-deps -e .
+# uv installs the ~4 GB of torch wheels about 4x faster than pip (parallel, no byte-compiling); pip if uv is unavailable
+if .venv/bin/python -m pip install -q uv 2>/dev/null; then
+  install() { .venv/bin/python -m uv pip install -q --python .venv/bin/python "$@"; }
+else
+  install() { .venv/bin/python -m pip install -q "$@"; }
+fi
+install "torch==$TORCH" "torchvision==$TORCHVISION"
+install -r requirements.txt "torch==$TORCH" "torchvision==$TORCHVISION"
+install --no-deps -e .
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

@@ -17,11 +17,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup] installing into .venv (torch==$TORCH torchvision==$TORCHVISION, then requirements.txt)"
 # uv installs the ~4 GB of torch wheels about 4x faster than pip (parallel, no byte-compiling); pip if uv is unavailable
-if .venv/bin/python -m pip install -q uv 2>/dev/null; then
-  install() { .venv/bin/python -m uv pip install -q --python .venv/bin/python "$@"; }
-else
-  install() { .venv/bin/python -m pip install -q "$@"; }
-fi
+use_uv=0
+.venv/bin/python -m pip install -q uv 2>/dev/null && use_uv=1
+install() {
+  if [ "$use_uv" = 1 ]; then
+    .venv/bin/python -m uv pip install -q --python .venv/bin/python "$@" && return
+    echo "[setup] uv could not install $*; using pip from here on"
+    use_uv=0
+  fi
+  .venv/bin/python -m pip install -q "$@"
+}
 install "torch==$TORCH" "torchvision==$TORCHVISION"
 install -r requirements.txt "torch==$TORCH" "torchvision==$TORCHVISION"
 install --no-deps -e .

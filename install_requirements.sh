@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] .venv is up to date"
   exit 0
 fi
-echo "[setup] installing into .venv (torch==$TORCH torchvision==$TORCHVISION, then requirements.txt)"
+echo "[setup] installing into .venv (torch==$TORCH torchvision==$TORCHVISION and requirements.txt)"
 # uv installs the ~4 GB of torch wheels about 4x faster than pip (parallel, no byte-compiling); pip if uv is unavailable
 use_uv=0
 .venv/bin/python -m pip install -q uv 2>/dev/null && use_uv=1
@@ -27,8 +27,7 @@ install() {
   fi
   .venv/bin/python -m pip install -q "$@"
 }
-install "torch==$TORCH" "torchvision==$TORCHVISION"
-install -r requirements.txt "torch==$TORCH" "torchvision==$TORCHVISION"
+install -r requirements.txt "torch==$TORCH" "torchvision==$TORCHVISION"  # one resolution, torch pinned
 install --no-deps -e .
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

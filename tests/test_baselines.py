@@ -147,6 +147,18 @@ def test_planted_copies_rank_first(job, planted, method, extra):
     assert len(set(top) & set(COPIES)) >= 5, (method, top)
 
 
+def test_random2_is_a_second_fixed_draw(job):
+    """random2 draws other ids than random for every target, reproducibly; random's own draw is unchanged."""
+    (r, ctx), (r2, _) = context(job, "random"), context(job, "random2")
+    idx = torch.tensor([0, 1, 2])
+    a, b = r.score(None, None, idx), r2.score(None, None, idx)
+    assert torch.equal(b, context(job, "random2")[0].score(None, None, idx))
+    n = len(ctx.train)
+    assert torch.equal(a[1], torch.rand(n, generator=torch.Generator().manual_seed(ctx.seed * 100003 + 1)))
+    top = lambda s: set(s.argsort(descending=True)[:10].tolist())
+    assert all(len(top(a[t]) & top(b[t])) < 5 for t in range(3))
+
+
 def test_embeddings_cached_once_per_job(job):
     m, ctx = context(job, "sscd")
     m.prepare()

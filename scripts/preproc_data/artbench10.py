@@ -93,8 +93,7 @@ def main(argv=None):
     meta = dict(name="artbench10", num_classes=len(styles), cond="class", cond_dim=0, class_names=styles,
                 source=BASE_URL + ARCHIVE, source_copy=str(src), metadata=str(csv_path),
                 preprocessing=f"shorter side to {args.resolution} (Lanczos), centre crop")
-    common.write_dataset(args.out, meta, splits)
-    common.report(args.out, splits, dict(meta, resolution=args.resolution))
+    common.save(args.out, meta, splits, args.resolution)
     return 0
 
 

@@ -20,8 +20,7 @@ def main(argv=None):
     splits = {s: dict(images=c[s][0], ids=list(range(len(c[s][0]))), labels=c[s][1]) for s in ("train", "test")}
     meta = dict(name="cifar10", num_classes=10, cond="class", cond_dim=0, class_names=c["label_names"],
                 source=common.CIFAR10_URL, source_copy=c["source"])
-    common.write_dataset(args.out, meta, splits)
-    common.report(args.out, splits, dict(meta, resolution=32))
+    common.save(args.out, meta, splits, 32)
     return 0
 
 

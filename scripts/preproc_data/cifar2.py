@@ -48,8 +48,7 @@ def main(argv=None):
     meta = dict(name="cifar2", num_classes=2, cond="class", cond_dim=0, class_names=["automobile", "horse"],
                 cifar10_classes=list(CLASSES), num_train=args.num_train, num_test=args.num_test, subset_seed=args.seed,
                 source=common.CIFAR10_URL, source_copy=c["source"])
-    common.write_dataset(args.out, meta, splits)
-    common.report(args.out, splits, dict(meta, resolution=32))
+    common.save(args.out, meta, splits, 32)
     return 0
 
 

@@ -162,8 +162,7 @@ def main(argv=None, text_encoder=None):
                 text_encoder=args.text_encoder or ("injected" if text_encoder is not None else "open_clip ViT-L-14 laion2b_s32b_b82k"),
                 source="https://cocodataset.org (2017 train/val)", source_copy=str(Path(args.source_dir)),
                 preprocessing=f"shorter side to {args.resolution} (Lanczos), centre crop")
-    common.write_dataset(args.out, meta, splits)
-    common.report(args.out, splits, dict(meta, resolution=args.resolution))
+    common.save(args.out, meta, splits, args.resolution)
     return 0
 
 

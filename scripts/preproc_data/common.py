@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mucs.cli import Parser, guard  # noqa: E402
-from mucs.data import write_dataset  # noqa: E402,F401  (used by the scripts as common.write_dataset)
+from mucs.data import write_dataset  # noqa: E402
 from mucs.errors import UserError  # noqa: E402
 
 
@@ -46,9 +46,11 @@ def parser(prog, description, name, source_name=None):
     return p
 
 
-def report(out, splits, meta):
+def save(out, meta, splits, resolution):
+    """Write the stored dataset and say what went where."""
+    write_dataset(out, meta, splits)
     sizes = ", ".join(f"{k} {len(v['ids'])}" for k, v in splits.items())
-    print(f"wrote {meta['name']} ({sizes} items, {meta.get('resolution', '?')} px, cond {meta.get('cond', 'none')}) to {out}")
+    print(f"wrote {meta['name']} ({sizes} items, {resolution} px, cond {meta.get('cond', 'none')}) to {out}")
 
 
 # ---------------------------------------------------------------------------------------------

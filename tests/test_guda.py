@@ -207,3 +207,35 @@ def test_vp_score_is_the_eps_prediction_error(tmp_path, data_root):
                                 .square().flatten(1).mean(1).mean() for i in range(len(x))])
 
     assert torch.allclose(G[:, 0], eps_error(D[1]) - eps_error(D[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_retain_draw_excludes_the_group_and_shares_the_rest():
+    from mucs.attrib.guda import retain_draw
+    from mucs.groups import Groups
+    gr = Groups(torch.arange(200) % 10, [str(i) for i in range(10)], torch.arange(200))
+    draw = lambda k: retain_draw(gr, k, 64, torch.Generator().manual_seed(5))  # noqa: E731
+    r3, r7 = draw(3), draw(7)
+    assert torch.equal(r3, draw(3)) and len(set(r3.tolist())) == 64
+    assert not (gr.index[r3] == 3).any() and not (gr.index[r7] == 7).any()
+    free = (gr.index[r3] != 7) & (gr.index[r7] != 3)  # positions where neither drew the other's group
+    assert torch.equal(r3[free], r7[free]) and free.float().mean() > 0.6
+
+
+def test_common_noise_couples_the_group_runs(job, planted):
+    """With alpha 0 (retain fine-tuning only) the unlearned models of two groups differ by SGD noise alone; common
+    random numbers must bring them closer together than independent draws, relative to how far they moved."""
+    from mucs.attrib.guda import unlearn_group
+    from mucs.groups import Groups
+    jb = Job(compose(job + ["attrib=guda"] + FAST + ["attrib.alpha=0"]))
+    if not jb.weights(jb.pre).exists():
+        assert run_pipeline(["--what=tpre"] + job) == 0
+    ctx = attrib_context(jb)
+    gr = Groups(ctx.train.labels.clone(), [str(i) for i in range(10)], ctx.train.ids.clone())  # 10 label groups
+    X = ctx.train.float_images()
+    flat = lambda D: torch.cat([p.flatten() for p in D.parameters()])  # noqa: E731
+    ratio = {}
+    for common in (True, False):
+        cfg = OmegaConf.merge(jb.cfg.attrib, dict(common_noise=common))
+        a, b = (flat(unlearn_group(ctx, cfg, gr, k, X, labels_of(ctx.train, jb.cfg.model, jb.meta))[0]) for k in (2, 5))
+        ratio[common] = float((a - b).norm() / (a - flat(ctx.D)).norm())
+    assert ratio[True] < 0.7 * ratio[False], ratio  # measured 0.43 against 0.84

@@ -20,6 +20,9 @@ each step a batch of forget items and as many random retain items, each with its
                         i.e. the noise eps* = (x_t - x*) / sigma that maps x_t to them, clipped to the trust region
                         ||eps* - eps||_rms <= trust around the true noise.
   ascent                L_retain - alpha * L_forget on the forget items' own targets (plain gradient ascent).
+With common_noise (default) the K unlearning runs share their random numbers step by step (retain items, noise
+levels, noises, condition dropout): a query ranks the groups, so drift common to all K runs cancels from its
+ranking, and what is left is what each group's forgetting did.
 The K unlearned models are cached in the pre run folder (guda-cache/<key>/g<k>.safetensors, with their seconds)
 and reused by every query and run. Item-level view for the five-stage pipeline: every training item gets its
 group's score, so `a` ranks the top group's items first (ties in id order) and tpost removes num_removal of them.
@@ -105,6 +108,16 @@ def paired_subset(X, groups, k, cfg, seed):
     return F, retain, retain[d.topk(n, dim=1, largest=False).indices]
 
 
+def retain_draw(groups, k, m, g):
+    """m random retain items (positions) for group k: the first m of one permutation drawn from g, each item of
+    group k replaced by the next items outside it, so groups drawing from the same g share every other position."""
+    perm = torch.randperm(len(groups.index), generator=g)
+    r, rest = perm[:m].clone(), perm[m:]
+    own = groups.index[r] == k
+    r[own] = rest[groups.index[rest] != k][: int(own.sum())]
+    return r
+
+
 def unlearn_group(ctx, cfg, groups, k, X, Y):
     """A copy of ctx.D with group k unlearned (module.__doc__), and its log."""
     if cfg.objective not in ("redirect", "ascent"):
@@ -118,22 +131,32 @@ def unlearn_group(ctx, cfg, groups, k, X, Y):
     opt = torch.optim.AdamW([params[n] for n in names], lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     F, retain, nbr = paired_subset(X, groups, k, cfg, seed)
     B = min(int(cfg.batch), len(F))
+    if len(retain) < B:
+        raise UserError(f"group {groups.names[k]} leaves only {len(retain)} training items to retain, fewer than one "
+                        f"batch ({B}); lower attrib.batch")
     per_epoch = math.ceil(len(F) / B)
     drop = float(ctx.cfg.train.cond_dropout)
     L_ret = L_fgt = float("nan")
+    # common random numbers: with cfg.common_noise step t of every group draws from one generator, so the K runs
+    # share their retain items (but each group's own), noise levels, noises and dropout, and differ by what is
+    # forgotten rather than by SGD noise; the drift they share cancels from a query's ranking of the groups
+    stream = seed * 1009 + (0 if cfg.common_noise else 1 + k)
     for step in range(int(cfg.epochs) * per_epoch):
         epoch, b = divmod(step, per_epoch)
         if b == 0:
             perm = torch.randperm(len(F), generator=step_generator(seed * 1009 + k, epoch, stream=11))
-        g = step_generator(seed * 1009 + k, step, stream=12)
         fi = perm[b * B: (b + 1) * B]
-        f, r = F[fi], retain[torch.randint(len(retain), (len(fi),), generator=g)]
         m = len(fi)
-        sigma = D.train_sigma(2 * m, generator=g).to(dev)
-        eps = torch.randn((2 * m,) + tuple(X.shape[1:]), generator=g).to(dev)
+        g = step_generator(stream, step, stream=12)
+        f, r = F[fi], retain_draw(groups, k, m, g)
+        # forget half at [:m], retain half at [n:n+m] of 2n draws, n = attrib.batch: the same whatever m and k
+        n_draw = int(cfg.batch)
+        sel = torch.cat([torch.arange(m), n_draw + torch.arange(m)])
+        sigma = D.train_sigma(2 * n_draw, generator=g)[sel].to(dev)
+        eps = torch.randn((2 * n_draw,) + tuple(X.shape[1:]), generator=g)[sel].to(dev)
         lab = None
         if Y is not None:  # the training's condition dropout, so the unconditional mode forgets too
-            keep = (torch.rand(2 * m, generator=g) >= drop).float().to(dev)
+            keep = (torch.rand(2 * n_draw, generator=g)[sel] >= drop).float().to(dev)
             lab = Y[torch.cat([f, r])] * keep[:, None]
         lab_f, lab_r = (None, None) if lab is None else (lab[:m], lab[m:])
         with ctx.autocast():

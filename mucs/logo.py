@@ -239,3 +239,67 @@ def group_eval_main(argv):
         print(f"GUDA speed-up over LOGO retraining: {tot:.1f}x")
     print(f"\n[guda_eval] tables in {out}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing GUDA's settings on a run without LOGO models
+
+
+def sweep(job, groups):
+    """Per gpre sample (targets, then controls): GUDA's group scores [N, K] under job.cfg.attrib, the sample's own
+    group (the group of its class) and the unlearning seconds."""
+    from mucs.attrib.guda import GUDA, unlearn_seconds
+    from mucs.generate import load_samples
+    from mucs.stages import attrib_context
+
+    s = load_samples(job.pre)
+    classes = torch.unique(job.train_split.labels)  # load_groups numbers label groups in class order
+    if job.cfg.groups.source != "label" or "cond" not in s or not torch.isin(s["labels"], classes).all():
+        raise UserError("the label proxy needs class-conditional samples of a job whose groups are its classes "
+                        "(groups.source=label)")
+    m = GUDA(job.cfg.attrib, attrib_context(job))
+    G = m.group_scores(s["images"], s["cond"])
+    return G, torch.searchsorted(classes, s["labels"]), unlearn_seconds(m.paths), int(s["num_attrib"])
+
+
+def sweep_main(argv):
+    from mucs.cli import Parser
+    from mucs.stages import Job, check_finished
+
+    p = Parser(prog="guda_sweep.py", description="GUDA settings compared on one run's gpre samples by the label "
+               "proxy: how often a sample's own class is its top group, and its mean rank; where the run's LOGO is "
+               "done, also Top-1 and MRR against LOGO on the targets. Extra key=value arguments are overrides.")
+    p.add_argument("--job", default="digits_dit_edm")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--variants", required=True, help="';'-separated variants, each space-separated overrides, e.g. "
+                   "'attrib.alpha=0.03;attrib.alpha=1.0 attrib.epochs=50'")
+    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
+    args, rest = p.parse_known_args(argv)
+    if any(r.startswith("-") for r in rest):
+        raise UserError(f"unknown option {[r for r in rest if r.startswith('-')][0]}; see --help")
+    rows = []
+    for v in [v.strip() for v in args.variants.split(";")]:
+        job = Job(C.compose([f"job={args.job}", f"seed={args.seed}", "attrib=guda"] + rest + v.split()))
+        check_finished(job.pre, "gpre")
+        groups = load_groups(job.cfg.groups, job.train_split, job.meta)
+        G, own, unlearn_s, n = sweep(job, groups)
+        rank = 1 + (G > G.gather(1, own[:, None])).sum(1).double()
+        hit = (G.argmax(1) == own).double()
+        row = dict(variant=v or "(defaults)", own_top1_targets=hit[:n].mean().item(), own_rank_targets=rank[:n].mean().item(),
+                   own_top1_controls=hit[n:].mean().item(), own_rank_controls=rank[n:].mean().item(),
+                   own_top1_all=hit.mean().item(), unlearn_s=unlearn_s)
+        if (logo_dir(job.cfg) / LOGO).exists():
+            from mucs.ranking import agreement
+            a = agreement(G[:n].numpy(), load_logo(logo_dir(job.cfg))[0]["scores"].numpy())
+            row.update(logo_top1=float(np.mean(a["top1"])), logo_mrr=float(np.mean(a["mrr"])))
+        rows.append(row)
+        print(f"[guda_sweep] {row['variant']}: own class first for {row['own_top1_all']:.3f} of {len(G)} samples",
+              flush=True)
+    table = pd.DataFrame(rows)
+    out = Path(job.cfg.paths.plots) / (args.fn_out or f"guda_sweep_{C.run_name(job.cfg)}")
+    with atomic_path(out / "guda_sweep.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"\nGUDA variants on {C.run_name(job.cfg)} ({len(groups)} groups, chance {1 / len(groups):.3f})")
+    print(table.to_string(index=False, float_format="{:.3f}".format))
+    print(f"\n[guda_sweep] table in {out}")
+    return 0

@@ -239,3 +239,32 @@ def test_common_noise_couples_the_group_runs(job, planted):
         a, b = (flat(unlearn_group(ctx, cfg, gr, k, X, labels_of(ctx.train, jb.cfg.model, jb.meta))[0]) for k in (2, 5))
         ratio[common] = float((a - b).norm() / (a - flat(ctx.D)).norm())
     assert ratio[True] < 0.7 * ratio[False], ratio  # measured 0.43 against 0.84
+
+
+def test_sweep_label_proxy_matches_the_a_stage(tiny, tmp_path, capsys):
+    """scripts/guda_sweep.py's own-class proxy on the targets agrees with the top groups `a` logs for the same
+    settings (which reuses the sweep's cached unlearned models); a job whose groups are not its classes is refused."""
+    from mucs.generate import load_samples
+    from mucs.logo import sweep_main
+    fast = FAST + ["attrib.pairs=16", "attrib.batch=16"]
+    assert run_pipeline(["--what=tpre,gpre"] + tiny) == 0
+    sweep = guard(sweep_main)
+    assert sweep(["--variants=attrib.alpha=0;attrib.alpha=1", "--fn_out=sw"] + tiny + fast) == 0
+    t = pd.read_csv(tmp_path / "plots" / "sw" / "guda_sweep.csv").set_index("variant")
+    assert list(t.index) == ["attrib.alpha=0", "attrib.alpha=1"]
+    assert t.own_rank_targets.between(1, 10).all() and t.own_top1_all.between(0, 1).all()
+    jb = Job(compose(tiny + ["attrib=guda"] + fast + ["attrib.alpha=1"]))
+    n_models = len(list((jb.pre / "guda-cache").glob("*/g*.safetensors")))
+    assert run_pipeline(["--what=a", "--attrib=guda"] + tiny + fast + ["attrib.alpha=1"]) == 0
+    assert len(list((jb.pre / "guda-cache").glob("*/g*.safetensors"))) == n_models == 20  # reused, not retrained
+    log = [json.loads(r) for r in (jb.post / "attrib_log.jsonl").read_text().splitlines()]
+    labels = load_samples(jb.pre)["labels"][: len(log)].tolist()
+    own = np.mean([r["top_group"] == r["groups"][c] for r, c in zip(log, labels)])
+    rank = np.mean([1 + sum(v > r["group_scores"][c] for v in r["group_scores"]) for r, c in zip(log, labels)])
+    assert own == pytest.approx(t.loc["attrib.alpha=1", "own_top1_targets"])
+    assert rank == pytest.approx(t.loc["attrib.alpha=1", "own_rank_targets"], abs=1e-6), rank
+    table = tmp_path / "t.csv"
+    table.write_text("id,group\n" + "".join(f"{i},{i % 2}\n" for i in jb.train_split.ids.tolist()))
+    capsys.readouterr()
+    assert sweep(["--variants=", "groups.source=table", f"groups.table={table}"] + tiny) == 2
+    assert "label proxy needs class-conditional samples" in capsys.readouterr().err

@@ -245,13 +245,14 @@ def group_eval_main(argv):
 # Choosing GUDA's settings on a run without LOGO models
 
 
-def sweep(job, groups):
+def sweep(job):
     """Per gpre sample (targets, then controls): GUDA's group scores [N, K] under job.cfg.attrib, the sample's own
-    group (the group of its class) and the unlearning seconds."""
+    group (the group of its class), the unlearning seconds and the number of targets."""
     from mucs.attrib.guda import GUDA, unlearn_seconds
     from mucs.generate import load_samples
-    from mucs.stages import attrib_context
+    from mucs.stages import attrib_context, check_finished
 
+    check_finished(job.pre, "gpre")
     s = load_samples(job.pre)
     classes = torch.unique(job.train_split.labels)  # load_groups numbers label groups in class order
     if job.cfg.groups.source != "label" or "cond" not in s or not torch.isin(s["labels"], classes).all():
@@ -264,7 +265,8 @@ def sweep(job, groups):
 
 def sweep_main(argv):
     from mucs.cli import Parser
-    from mucs.stages import Job, check_finished
+    from mucs.ranking import agreement
+    from mucs.stages import Job
 
     p = Parser(prog="guda_sweep.py", description="GUDA settings compared on one run's gpre samples by the label "
                "proxy: how often a sample's own class is its top group, and its mean rank; where the run's LOGO is "
@@ -280,17 +282,16 @@ def sweep_main(argv):
     rows = []
     for v in [v.strip() for v in args.variants.split(";")]:
         job = Job(C.compose([f"job={args.job}", f"seed={args.seed}", "attrib=guda"] + rest + v.split()))
-        check_finished(job.pre, "gpre")
-        groups = load_groups(job.cfg.groups, job.train_split, job.meta)
-        G, own, unlearn_s, n = sweep(job, groups)
+        G, own, unlearn_s, n = sweep(job)
         rank = 1 + (G > G.gather(1, own[:, None])).sum(1).double()
         hit = (G.argmax(1) == own).double()
-        row = dict(variant=v or "(defaults)", own_top1_targets=hit[:n].mean().item(), own_rank_targets=rank[:n].mean().item(),
-                   own_top1_controls=hit[n:].mean().item(), own_rank_controls=rank[n:].mean().item(),
-                   own_top1_all=hit.mean().item(), unlearn_s=unlearn_s)
-        if (logo_dir(job.cfg) / LOGO).exists():
-            from mucs.ranking import agreement
-            a = agreement(G[:n].numpy(), load_logo(logo_dir(job.cfg))[0]["scores"].numpy())
+        row = dict(variant=v or "(defaults)", own_top1_targets=hit[:n].mean().item(),
+                   own_rank_targets=rank[:n].mean().item(), own_top1_controls=hit[n:].mean().item(),
+                   own_rank_controls=rank[n:].mean().item(), own_top1_all=hit.mean().item(), unlearn_s=unlearn_s)
+        lf = logo_dir(job.cfg)
+        logo_cfg = C.load_saved(lf / "config.yaml") if (lf / LOGO).exists() else None
+        if logo_cfg is not None and C.sections(logo_cfg, "groups") == C.sections(job.cfg, "groups"):
+            a = agreement(G[:n].numpy(), load_logo(lf)[0]["scores"].numpy())
             row.update(logo_top1=float(np.mean(a["top1"])), logo_mrr=float(np.mean(a["mrr"])))
         rows.append(row)
         print(f"[guda_sweep] {row['variant']}: own class first for {row['own_top1_all']:.3f} of {len(G)} samples",
@@ -299,7 +300,8 @@ def sweep_main(argv):
     out = Path(job.cfg.paths.plots) / (args.fn_out or f"guda_sweep_{C.run_name(job.cfg)}")
     with atomic_path(out / "guda_sweep.csv") as tmp:
         table.to_csv(tmp, index=False)
-    print(f"\nGUDA variants on {C.run_name(job.cfg)} ({len(groups)} groups, chance {1 / len(groups):.3f})")
+    print(f"\nGUDA variants on {C.run_name(job.cfg)} ({G.shape[1]} groups, chance {1 / G.shape[1]:.3f}); LOGO columns "
+          f"where {lf.name} is done with the same groups.* settings")
     print(table.to_string(index=False, float_format="{:.3f}".format))
     print(f"\n[guda_sweep] table in {out}")
     return 0

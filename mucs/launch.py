@@ -1,7 +1,8 @@
 """Run the stages as Slurm jobs through submitit. A job runs the same `run_stage` as a local run; this module
 only decides where and in which order.
 
-  submit(cfg, names, overrides)  one job per stage chained with afterok; `a` as an array of shards + a merge job
+  submit(cfg, names, overrides)  one job per stage chained with afterok; `a`, `logo` and `lds` as an array of
+                                 shards + a merge job
   StageJob                       what a job runs: re-composes the config from its overrides and runs one stage;
                                  on a time limit or preemption submitit calls checkpoint(), which requeues a fresh
                                  instance that resumes from the stage's own files
@@ -57,7 +58,7 @@ class StageJob(Checkpointable):
         job = S.Job(cfg)
         self.manifest = S.manifest_path(job, S.STAGES[self.stage])
         try:
-            kw = dict(shard=self.shard) if self.stage == "a" else {}
+            kw = dict(shard=self.shard) if self.stage in S.SHARDED else {}
             S.run_stage(job, self.stage, will_run=self.will_run, **kw)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -165,19 +166,31 @@ def wiring(job, names, waiting):
     return rows
 
 
-def a_shards(cfg):
-    """launcher.a_shards, but no more than the batches of targets the method scores (see attrib.base.blocks):
-    further shards would have nothing to do."""
+def num_shards(job, stage):
+    """How many array tasks a sharded stage gets: launcher.<stage>_shards, but no more than its units (the
+    method's batches of targets for `a`, see attrib.base.blocks; the groups for `logo`, 0 meaning one task each;
+    the subset models for `lds`): further shards would have nothing to do."""
+    from mucs import lds
     from mucs.attrib.base import get_method
+    from mucs.groups import load_groups
 
-    n, bs = int(cfg.launcher.a_shards), max(1, get_method(cfg.attrib.name).batch_targets)
-    if cfg.targets or n <= 1:  # the user's targets are counted only when loaded
-        return max(n, 1)
-    cap = -(-int(cfg.num_attrib) // bs)
-    if n > cap:
-        print(f"  (launcher.a_shards={n} capped to {cap}: {cfg.attrib.name} scores its {cfg.num_attrib} targets "
-              f"in batches of {bs})")
-    return min(n, cap)
+    cfg = job.cfg
+    n = int(cfg.launcher.get(f"{stage}_shards") or 0)
+    if stage == "a":
+        if cfg.targets:  # the user's targets are counted only when loaded
+            return max(n, 1)
+        bs = max(1, get_method(cfg.attrib.name).batch_targets)
+        units = -(-int(cfg.num_attrib) // bs)
+        what = f"{cfg.attrib.name} scores its {cfg.num_attrib} targets in batches of {bs}"
+    elif stage == "logo":
+        units = len(load_groups(cfg.groups, job.train_split, job.meta))
+        what, n = f"there are {units} groups", n or units
+    else:
+        units = len(lds.units(cfg))
+        what = f"LDS trains {units} models"
+    if n > units:
+        print(f"  (launcher.{stage}_shards={n} capped to {units}: {what})")
+    return max(1, min(n, units))
 
 
 def submit_stages(cfg, names, overrides, after=None):
@@ -188,8 +201,11 @@ def submit_stages(cfg, names, overrides, after=None):
     from mucs import stages as S
 
     lc, run = cfg.launcher, C.run_name(cfg)
-    if int(lc.a_shards) < 1:
-        raise UserError(f"launcher.a_shards must be at least 1, not {lc.a_shards}")
+    for key in ("a_shards", "lds_shards"):
+        if int(lc[key]) < 1:
+            raise UserError(f"launcher.{key} must be at least 1, not {lc[key]}")
+    if int(lc.logo_shards) < 0:
+        raise UserError(f"launcher.logo_shards must be 0 (one per group) or more, not {lc.logo_shards}")
     job = S.Job(OmegaConf.merge(cfg, {"device": "cpu"}))  # only its folders: the login node may have no GPU
     sdir = slurm_dir(cfg)
     folder = Path(lc.folder) if lc.folder else sdir
@@ -204,10 +220,10 @@ def submit_stages(cfg, names, overrides, after=None):
             print(f"  {n:5s} already queued as job {', '.join(deps)}")
             continue
         after_ids = [i for d in deps for i in (out[d] if d in out else [d])]
-        name, shards = f"{n}:{run}", a_shards(cfg) if n == "a" else 1
+        name, shards = f"{n}:{run}", num_shards(job, n) if n in S.SHARDED else 1
         if shards > 1:  # map over shards, then reduce once all of them succeeded
             calls = [StageJob(ov, n, (i, shards), names) for i in range(shards)]
-            ids = sbatch(lc, folder, "a", calls, after_ids, name)
+            ids = sbatch(lc, folder, n, calls, after_ids, name)
             array = ids[0].split("_")[0]
             wait = sbatch(lc, folder, "merge", [StageJob(ov, n, (-1, shards), names)], [array], f"merge:{run}")
             ids, shown = ids + wait, f"jobs {array}_[0-{shards - 1}] ({shards} shards) + merge {wait[0]}"

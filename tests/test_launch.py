@@ -165,6 +165,39 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
         L.submit_stages(C.compose(tiny + ["launcher=slurm", "attrib=pixel"]), ["gpost"], tiny)
 
 
+def test_logo_and_lds_run_as_arrays_of_shards(tiny, fake_slurm, capsys):
+    """LOGO's trainings (one task per group by default) and LDS's models are job arrays followed by a merge job;
+    running those calls, as the array tasks and the merge job would, trains every group once and scores them."""
+    from mucs.logo import load_logo
+    submitted, _ = fake_slurm
+    assert run_pipeline(["--what=tpre,gpre"] + tiny) == 0
+    assert run_pipeline(["--launcher=slurm", "--what=logo"] + tiny) == 0
+    assert [(s["call"].stage, s["call"].shard) for s in submitted] == [("logo", (i, 10)) for i in range(10)] + [
+        ("logo", (-1, 10))]
+    assert "(10 shards) + merge" in capsys.readouterr().out
+    submitted.clear()
+    assert run_pipeline(["--launcher=slurm", "--what=logo", "launcher.logo_shards=3"] + tiny) == 0
+    calls = [s["call"] for s in submitted]
+    assert [(c.stage, c.shard) for c in calls] == [("logo", (i, 3)) for i in range(3)] + [("logo", (-1, 3))]
+    array = submitted[0]["id"].split("_")[0]
+    assert submitted[-1]["slurm_dependency"] == f"afterok:{array}" and "gpus_per_node" not in submitted[-1]
+    logs = Path(next(o for o in tiny if o.startswith("paths.logs=")).split("=", 1)[1])
+    for c in calls[:3]:
+        c()
+    lf = logs / f"{RUN}--logo"
+    assert len(list(lf.glob("g*/logo-train.json"))) == 10 and not (lf / "logo.safetensors").exists()
+    calls[3]()
+    scores, meta = load_logo(lf)
+    assert scores["scores"].shape == (3, 10) and torch.isfinite(scores["scores"]).all()
+    submitted.clear()
+    capsys.readouterr()
+    assert run_pipeline(["--launcher=slurm", "--what=lds", "launcher.lds_shards=100"] + tiny) == 0
+    assert [(s["call"].stage, s["call"].shard) for s in submitted] == [("lds", (i, 16)) for i in range(16)] + [
+        ("lds", (-1, 16))]
+    assert "lds_shards=100 capped to 16: LDS trains 16 models" in capsys.readouterr().out
+    assert run_pipeline(["--launcher=slurm", "--what=logo", "launcher.logo_shards=-1"] + tiny) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # On the real local cluster
 

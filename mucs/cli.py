@@ -101,7 +101,8 @@ def pipeline_main(argv):
     cfg = C.compose(overrides)
     if cfg.launcher.name != "local" and not args.no_exec:  # before Job(): a login node may have no GPU
         if args.shard:
-            raise UserError("--shard is what the jobs of a Slurm array run; with --launcher=slurm set launcher.a_shards=N")
+            raise UserError("--shard is what the jobs of a Slurm array run; with --launcher=slurm set "
+                            "launcher.a_shards=N (or logo_shards, lds_shards)")
         from mucs.launch import submit
         return submit(cfg, names, overrides)
     job = S.Job(cfg)

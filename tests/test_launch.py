@@ -286,6 +286,24 @@ def test_sharded_attribution_equals_unsharded(slurm_cluster, local_ref, tmp_path
 
 
 @pytest.mark.slurm
+def test_logo_array_on_slurm_equals_local_run(slurm_cluster, local_ref, tmp_path, data_root):
+    """LOGO's 10 group trainings as 2 array tasks side by side, then the scoring job: the same scores as one
+    local process."""
+    for name in ("local", "logs"):
+        shutil.copytree(local_ref / f"{RUN}--pre", tmp_path / name / f"{RUN}--pre")
+    with one_thread():
+        assert run_pipeline(["--what=logo"] + over(tmp_path / "local", data_root)) == 0
+    logs = tmp_path / "logs"
+    assert run_pipeline(["--what=logo", "launcher.logo_shards=2"] + CLUSTER + over(logs, data_root)) == 0
+    rows = settle(slurm_cluster, logs, [("post_random", "logo")], timeout=300)
+    assert rows["post_random", "logo"]["status"] == "done", rows
+    a, b = (load_file(str(d / f"{RUN}--logo" / "logo.safetensors")) for d in (logs, tmp_path / "local"))
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["group_sizes"], b["group_sizes"])  # not the seconds
+    rec = L.read_records(logs / f"{RUN}--slurm")["post_random", "logo"]
+    assert len(rec["jobs"]) == 3 and len({j.split("_")[0] for j in rec["jobs"][:2]}) == 1  # one array + merge
+
+
+@pytest.mark.slurm
 def test_failing_stage_stops_its_dependants_and_status_names_the_log(slurm_cluster, local_ref, tmp_path, data_root,
                                                                        capsys):
     logs = tmp_path / "logs"

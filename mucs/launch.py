@@ -26,6 +26,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from mucs import config as C
 from mucs.errors import UserError
 from mucs.io import read_json, write_json
+from mucs.stages import EXTRA  # stages with a run folder of their own (<run>--logo, <run>--lds)
 
 RESOURCES = {  # launcher config key -> submitit parameter
     "partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "constraint": "slurm_constraint",
@@ -128,7 +129,8 @@ def sbatch(lc, folder, stage, calls, after, name):
 
 
 def kind_of(stage, method):
-    return "pre" if stage in PRE else f"post_{method}"
+    """The run folder a stage writes: <run>--pre, <run>--post_<method>, or its own (<run>--logo, <run>--lds)."""
+    return "pre" if stage in PRE else stage if stage in EXTRA else f"post_{method}"
 
 
 def slurm_dir(cfg):
@@ -300,7 +302,7 @@ def stage_state(rec, states):
 def live_jobs(sdir, method):
     """{stage: job ids} of this run's stages (pre, and post of `method`) that earlier submissions left queued or
     running."""
-    recs = {st: r for (kind, st), r in read_records(sdir).items() if kind in ("pre", f"post_{method}")}
+    recs = {st: r for (kind, st), r in read_records(sdir).items() if kind in ("pre", f"post_{method}", *EXTRA)}
     if not recs:
         return {}
     states = slurm_states([j for r in recs.values() for j in r["jobs"]])
@@ -320,14 +322,14 @@ def status(logs, pattern=None):
         kinds = runs.setdefault(run, {"pre"})
         if kind == "slurm":
             kinds.update(k for k, _ in read_records(d))
-        elif kind.startswith("post_"):
+        elif kind.startswith("post_") or kind in EXTRA:
             kinds.add(kind)
     records = {(run, *key): r for run in runs for key, r in read_records(logs / f"{run}--slurm").items()}
     states = slurm_states([j for r in records.values() for j in r["jobs"]]) if records else {}
     rows = []
     for run in sorted(runs):
         for kind in sorted(runs[run], key=lambda k: (k != "pre", k)):
-            for stage in PRE if kind == "pre" else POST:
+            for stage in PRE if kind == "pre" else (kind,) if kind in EXTRA else POST:
                 if (logs / f"{run}--{kind}" / f"{stage}.manifest.json").exists():  # stages.manifest_path
                     st = ("done", "", None)
                 elif (run, kind, stage) in records:

@@ -295,11 +295,11 @@ def test_logo_array_on_slurm_equals_local_run(slurm_cluster, local_ref, tmp_path
         assert run_pipeline(["--what=logo"] + over(tmp_path / "local", data_root)) == 0
     logs = tmp_path / "logs"
     assert run_pipeline(["--what=logo", "launcher.logo_shards=2"] + CLUSTER + over(logs, data_root)) == 0
-    rows = settle(slurm_cluster, logs, [("post_random", "logo")], timeout=300)
-    assert rows["post_random", "logo"]["status"] == "done", rows
+    rows = settle(slurm_cluster, logs, [("logo", "logo")], timeout=300)
+    assert rows["logo", "logo"]["status"] == "done", rows
     a, b = (load_file(str(d / f"{RUN}--logo" / "logo.safetensors")) for d in (logs, tmp_path / "local"))
     assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["group_sizes"], b["group_sizes"])  # not the seconds
-    rec = L.read_records(logs / f"{RUN}--slurm")["post_random", "logo"]
+    rec = L.read_records(logs / f"{RUN}--slurm")["logo", "logo"]
     assert len(rec["jobs"]) == 3 and len({j.split("_")[0] for j in rec["jobs"][:2]}) == 1  # one array + merge
 
 

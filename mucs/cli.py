@@ -41,6 +41,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message}; see --help")
 
+    def parse_overrides(self, argv):
+        """(args, the remaining key=value config overrides); an unknown --option is an error."""
+        args, rest = self.parse_known_args(argv)
+        bad = [r for r in rest if r.startswith("-")]
+        if bad:
+            raise UserError(f"unknown option {bad[0]}; see --help")
+        return args, rest
+
 
 def pipeline_args(argv):
     p = Parser(prog="pipeline.py", description="Run stages of the counterfactual attribution pipeline. "

@@ -214,9 +214,7 @@ def group_eval_main(argv):
                    "scores (GUDA's own are exact)")
     p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
     p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
-    args, rest = p.parse_known_args(argv)
-    if any(r.startswith("-") for r in rest):
-        raise UserError(f"unknown option {[r for r in rest if r.startswith('-')][0]}; see --help")
+    args, rest = p.parse_overrides(argv)
     base = C.compose(rest)
     logs = args.logs or base.paths.logs
     how = args.aggregate
@@ -276,9 +274,7 @@ def sweep_main(argv):
     p.add_argument("--variants", required=True, help="';'-separated variants, each space-separated overrides, e.g. "
                    "'attrib.alpha=0.03;attrib.alpha=1.0 attrib.epochs=50'")
     p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
-    args, rest = p.parse_known_args(argv)
-    if any(r.startswith("-") for r in rest):
-        raise UserError(f"unknown option {[r for r in rest if r.startswith('-')][0]}; see --help")
+    args, rest = p.parse_overrides(argv)
     rows = []
     for v in [v.strip() for v in args.variants.split(";")]:
         job = Job(C.compose([f"job={args.job}", f"seed={args.seed}", "attrib=guda"] + rest + v.split()))

@@ -137,10 +137,8 @@ def unlearn_group(ctx, cfg, groups, k, X, Y):
     per_epoch = math.ceil(len(F) / B)
     drop = float(ctx.cfg.train.cond_dropout)
     L_ret = L_fgt = float("nan")
-    # common random numbers: with cfg.common_noise step t of every group draws from one generator, so the K runs
-    # share their retain items (but each group's own), noise levels, noises and dropout, and differ by what is
-    # forgotten rather than by SGD noise; the drift they share cancels from a query's ranking of the groups
-    stream = seed * 1009 + (0 if cfg.common_noise else 1 + k)
+    stream = seed * 1009 + (0 if cfg.common_noise else 1 + k)  # common_noise: one stream for all groups (module doc)
+    n_draw = int(cfg.batch)
     for step in range(int(cfg.epochs) * per_epoch):
         epoch, b = divmod(step, per_epoch)
         if b == 0:
@@ -150,7 +148,6 @@ def unlearn_group(ctx, cfg, groups, k, X, Y):
         g = step_generator(stream, step, stream=12)
         f, r = F[fi], retain_draw(groups, k, m, g)
         # forget half at [:m], retain half at [n:n+m] of 2n draws, n = attrib.batch: the same whatever m and k
-        n_draw = int(cfg.batch)
         sel = torch.cat([torch.arange(m), n_draw + torch.arange(m)])
         sigma = D.train_sigma(2 * n_draw, generator=g)[sel].to(dev)
         eps = torch.randn((2 * n_draw,) + tuple(X.shape[1:]), generator=g)[sel].to(dev)

@@ -117,6 +117,7 @@ def pipeline_main(argv):
     if args.no_exec:
         print_plan(job, names)
         return 0
+    S.check_model(job)  # a model that does not fit the dataset is refused before any stage starts
     shard = parse_shard(args.shard)
     if job.world.main:
         print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}"
@@ -136,7 +137,11 @@ def print_plan(job, names):
 
     cfg = job.cfg
     print(f"plan for job {cfg.job_name} (seed {cfg.seed}, method {cfg.attrib.name}, device {job.device})")
-    print(f"  model {cfg.model.net} {dict(cfg.model.net_kwargs)} precond {cfg.model.precond.kind}")
+    meta = S.plan_meta(job)
+    size = f"{meta['resolution']}x{meta['resolution']}x{meta['channels']}"
+    print(f"  model {cfg.model.net} {dict(cfg.model.net_kwargs)} precond {cfg.model.precond.kind}; "
+          f"{S.check_model(job, meta) / 1e6:.2f} M parameters at {size}"
+          f"{' (pretrained ' + cfg.pretrained + ')' if cfg.pretrained else ''}")
     t, s = cfg.train, cfg.sample
     print(f"  train batch {t.batch} lr {t.lr} ema {t.ema} steps <= {t.steps}; "
           f"num_gen {C.num_gen(cfg)} (targets {cfg.num_attrib}); num_removal {C.num_removal(cfg)} per target")
@@ -144,7 +149,9 @@ def print_plan(job, names):
           f"(<= {t.steps // t.epoch_steps} epochs), patience {t.patience}, augment p {t.augment_p} "
           f"(label {cfg.model.augment_dim}-d), "
           f"{f'conditional, dropout {t.cond_dropout}' if cfg.model.conditional else 'unconditional'}")
-    print(f"  sample: {s.solver} {s.num_steps} steps, {s.discretization} ladder, guidance {s.guidance}, "
+    how = (f"diffusers {s.scheduler or cfg.model.precond.get('scheduler')} {s.num_steps} steps" if s.sampler == "diffusers"
+           else f"{s.solver} {s.num_steps} steps, {s.discretization} ladder")
+    print(f"  sample: {how}, guidance {s.guidance}, "
           f"{'last' if cfg.use_last_ckpt else 'best'} EMA weights; precision {cfg.precision.autocast}, "
           f"{job.world.size} process(es)")
     if "lds" in names:

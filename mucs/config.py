@@ -3,7 +3,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf, DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mucs.errors import UserError
 
@@ -47,7 +47,22 @@ def compose(overrides=()) -> DictConfig:
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         msg = " ".join(str(e).split())
         raise UserError(f"bad config override: {msg[:300]}")
+    if cfg.get("pretrained"):
+        apply_pretrained(cfg)
     return cfg
+
+
+def apply_pretrained(cfg):
+    """pretrained=<folder>: the model block comes from the diffusers folder (its network config and scheduler),
+    and the folder's name joins the job name, so its run folders are its own."""
+    from mucs.diffusers_adapter import pretrained_model_cfg
+
+    folder = Path(str(cfg.pretrained)).expanduser().resolve()
+    model = pretrained_model_cfg(folder, cfg.model)
+    with open_dict(cfg):
+        cfg.pretrained = str(folder)
+        cfg.model = OmegaConf.create(model)
+        cfg.job_name = f"{cfg.job_name}-{folder.name}"
 
 
 def check_kind(override, old, new):
@@ -94,6 +109,33 @@ def sections(cfg, *keys):
 def section_hash(cfg, *keys):
     """A short hash of the named config sections: what a stage's output depends on."""
     return hash_settings(sections(cfg, *keys))
+
+
+# Settings added after run folders already existed, with the value that reproduces the earlier behaviour: left out
+# of the recorded settings while they hold it, so the manifests of those folders stay valid. OTHER_NET: a
+# per-network entry that does not apply to this job's network.
+OTHER_NET = object()
+LATER = {"sample.sampler": "heun", "sample.scheduler": None, "tpost.mode": "retrain",
+         "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET}
+
+
+def drop_later_defaults(s, net):
+    for path, default in LATER.items():
+        *parents, key = path.split(".")
+        chain = [s]
+        for p in parents:
+            chain.append(chain[-1].get(p) if isinstance(chain[-1], dict) else None)
+        d = chain[-1]
+        if isinstance(d, dict) and key in d and (d[key] == default or default is OTHER_NET and key != net):
+            del d[key]
+            if not d and len(chain) == 2:  # a section that held only such settings
+                del s[parents[0]]
+    return s
+
+
+def sample_settings(cfg):
+    """The sample section as it keys caches (LDS measurements, MUCS's L_orig): without the later defaults."""
+    return drop_later_defaults(dict(sample=dict(cfg.sample)), cfg.model.net).get("sample", {})
 
 
 def hash_settings(settings):

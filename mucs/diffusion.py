@@ -171,8 +171,11 @@ def build_precond(net, cfg):
     """A preconditioner from the model config's `precond` block."""
     kw = dict(cfg)
     kind = kw.pop("kind")
+    if kind == "ddpm":  # a diffusers scheduler's discrete-time parametrisation
+        from mucs.diffusers_adapter import DDPMPrecond
+        return DDPMPrecond(net, **kw)
     if kind not in PRECONDS:
-        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS)}")
+        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS) + ['ddpm']}")
     return PRECONDS[kind](net, **kw)
 
 

@@ -17,6 +17,9 @@ SAMPLES = "samples.safetensors"
 
 def ladder(cfg, D):
     s = cfg.sample
+    if s.get("sampler", "heun") == "diffusers" and getattr(D, "kind", None) != "ddpm":
+        raise UserError("sample.sampler=diffusers steps with a diffusers scheduler, which needs a diffusers model "
+                        "(model=diffusers_unet, model=diffusers_dit or pretrained=<folder>); use sample.sampler=heun")
     if s.discretization == "vp" and not hasattr(D, "sigma"):
         raise UserError(f"sample.discretization=vp steps through a VP model's sigma(t), but this model's "
                         f"preconditioning is {cfg.model.precond.kind!r}; use sample.discretization=edm")
@@ -38,8 +41,14 @@ def sample(D, cfg, seeds, labels, shape, device, desc="sample", parts=None):
         latents = gens.randn(shape, device)
         y = None if labels is None else labels[i: i + s.batch].to(device)
         with autocast(device, cfg.precision.autocast):  # the ODE state itself stays float64
-            x = heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
-                             S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device), solver=s.solver)
+            if s.get("sampler", "heun") == "diffusers":  # the model's own scheduler; step noise from each sample's seed
+                from mucs.diffusers_adapter import make_scheduler, scheduler_sampler
+                x = scheduler_sampler(D, latents, make_scheduler(D.config, s.get("scheduler")), s.num_steps, y,
+                                      guidance=s.guidance, generators=gens.gens)
+            else:
+                x = heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
+                                 S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device),
+                                 solver=s.solver)
         out.append(x.clamp(-1, 1).cpu())
         if part:
             save_tensors(part, dict(images=out[-1], seeds=torch.tensor(seeds[i: i + s.batch], dtype=torch.long)))

@@ -160,7 +160,7 @@ def run(job, shard=(0, 1)):
     x, y = queries(job)
     masks = subsets(job)
     lc = job.cfg.lds
-    key = digest(x, "none" if y is None else y, lc.num_noises, list(lc.t_range), lc.noise_seed, dict(job.cfg.sample))
+    key = digest(x, "none" if y is None else y, lc.num_noises, list(lc.t_range), lc.noise_seed, C.sample_settings(job.cfg))
     if shard[0] != -1:
         mine = units(job.cfg)[shard[0]::shard[1]]
         for n, (i, j) in enumerate(mine):

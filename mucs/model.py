@@ -20,10 +20,13 @@ def label_dim(model_cfg, meta):
 
 def build_denoiser(model_cfg, meta, device=None):
     """The denoiser of the config; device="meta" builds shapes only (to count parameters)."""
+    if str(model_cfg.net).startswith("diffusers") and label_dim(model_cfg, meta) and meta["cond"] != "class":
+        raise UserError(f"diffusers backbones take class labels, but this dataset's condition is {meta['cond']!r}; "
+                        f"set model.conditional=false")
     with torch.device(device) if device else contextlib.nullcontext():
-        net = build_net(model_cfg.net, img_resolution=meta["resolution"], in_channels=meta["channels"],
-                        out_channels=meta["channels"], label_dim=label_dim(model_cfg, meta),
-                        augment_dim=model_cfg.augment_dim, **model_cfg.net_kwargs)
+        net = build_net(model_cfg.net, model_cfg.net_kwargs, img_resolution=meta["resolution"],
+                        in_channels=meta["channels"], out_channels=meta["channels"],
+                        label_dim=label_dim(model_cfg, meta), augment_dim=model_cfg.augment_dim)
     return build_precond(net, model_cfg.precond)
 
 
@@ -57,6 +60,29 @@ def load_denoiser(model_cfg, meta, path, device="cpu"):
     """The denoiser with weights from `path`, in eval mode (no dropout), frozen."""
     D = load_weights(path, build_denoiser(model_cfg, meta)).to(device).eval()
     return D.requires_grad_(False)
+
+
+def export_diffusers(model_cfg, meta, weights, folder):
+    """Also write the weights file of a diffusers-backbone model as a diffusers pipeline folder (DDPMPipeline
+    layout: unet/ + scheduler/); nothing for the toolkit's own networks. Returns the folder or None."""
+    from mucs.diffusers_adapter import export_pipeline, is_diffusers
+
+    if not is_diffusers(model_cfg):
+        return None
+    return export_pipeline(load_weights(weights, build_denoiser(model_cfg, meta)), folder)
+
+
+def import_pretrained(cfg, meta, out_dir):
+    """tpre with pretrained=<folder>: the folder's model, loaded by diffusers, written as this run's
+    model-best/-last.safetensors (the toolkit's denoiser around it; both files hold the same weights)."""
+    from pathlib import Path
+    from mucs.diffusers_adapter import load_pretrained
+
+    D = build_denoiser(cfg.model, meta)
+    D.net.model.load_state_dict(load_pretrained(cfg.pretrained).state_dict())
+    for name in ("model-best", "model-last"):
+        save_weights(Path(out_dir) / f"{name}.safetensors", D, dict(source=str(cfg.pretrained)))
+    print(f"[tpre] imported the diffusers model of {cfg.pretrained} into {out_dir} (no training)")
 
 
 def clone(D):

@@ -29,7 +29,7 @@ from mucs.errors import UserError
 from mucs.generate import SAMPLES, generate_post, generate_pre, load_samples, load_user_targets
 from mucs.io import file_hash, read_json, write_json, write_text
 from mucs.lock import LOCK, FolderLock
-from mucs.model import labels_of, load_denoiser
+from mucs.model import build_denoiser, import_pretrained, labels_of, load_denoiser
 from mucs.train import train
 
 ORDER = ["tpre", "gpre", "a", "tpost", "gpost"]
@@ -92,6 +92,25 @@ class Job:
         return load_attrib(self.post)["top_ids"].flatten().unique()
 
 
+def plan_meta(job):
+    """The dataset's meta, or before it is preprocessed what its config expects (data.expect)."""
+    if (Path(job.cfg.data.folder) / "meta.json").exists() or "expect" not in job.cfg.data:
+        return job.meta
+    return dict(job.cfg.data.expect)
+
+
+def check_model(job, meta=None):
+    """Build the configured model on the meta device (shapes only): a model that does not fit the dataset
+    fails here, in one line. Returns its parameter count."""
+    if job.cfg.sample.sampler not in ("heun", "diffusers"):
+        raise UserError(f"sample.sampler={job.cfg.sample.sampler!r} is not heun or diffusers")
+    if job.cfg.sample.sampler == "diffusers" and job.cfg.model.precond.kind != "ddpm":
+        raise UserError("sample.sampler=diffusers steps with a diffusers scheduler, which needs a diffusers model "
+                        "(model=diffusers_unet, model=diffusers_dit or pretrained=<folder>); use sample.sampler=heun")
+    D = build_denoiser(job.cfg.model, meta or job.meta, device="meta")
+    return sum(p.numel() for p in D.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages
 
@@ -99,6 +118,10 @@ class Job:
 def run_tpre(job):
     if job.world.main:
         write_text(job.pre / "config.yaml", C.to_yaml(job.cfg))
+    if job.cfg.pretrained:  # a diffusers model the user already has stands in for the training
+        if job.world.main:
+            import_pretrained(job.cfg, job.meta, job.pre)
+        return
     train(job.cfg, job.train_split, job.test_split, job.meta, job.pre, job.device, desc="tpre", world=job.world)
 
 
@@ -151,11 +174,16 @@ def run_tpost(job):
     if not torch.equal(load_attrib(job.post)["train_ids"], job.train_split.ids):
         raise UserError(f"{job.post / ATTRIB} ranks another training split than this job's (other data or "
                         f"--subsample); redo it with {redo('a')}")
+    mode = job.cfg.tpost.mode
+    if mode not in ("retrain", "finetune"):
+        raise UserError(f"tpost.mode={mode!r} is not retrain or finetune; retrain (from scratch) is the protocol's")
     removed = job.removed_ids()
     kept = remove_ids(job.train_split, removed)
     if job.world.main:
-        print(f"[tpost] removing {len(removed)} of {len(job.train_split)} training items (union over targets)")
-    train(job.cfg, kept, job.test_split, job.meta, job.post, job.device, desc="tpost", world=job.world)
+        print(f"[tpost] removing {len(removed)} of {len(job.train_split)} training items (union over targets); "
+              f"{'retraining from scratch' if mode == 'retrain' else 'fine-tuning the pre model'}")
+    train(job.cfg, kept, job.test_split, job.meta, job.post, job.device, desc="tpost", world=job.world,
+          init=job.weights(job.pre) if mode == "finetune" else None)
 
 
 def run_gpost(job):
@@ -181,9 +209,22 @@ def data_files(job, splits=("train", "test")):
     return [(Path(job.cfg.data.folder) / f"{s}.safetensors", "data") for s in splits]
 
 
+def tpre_inputs(job):
+    """The data, or with pretrained= the folder's weights file (its hash goes into the manifest)."""
+    if job.cfg.pretrained:
+        from mucs.diffusers_adapter import find_model_folder, weights_file
+        return [(weights_file(find_model_folder(job.cfg.pretrained)[0]), "pretrained")] + data_files(job)
+    return data_files(job)
+
+
+def tpost_inputs(job):
+    finetune = [(job.weights(job.pre), "tpre")] if job.cfg.tpost.mode == "finetune" else []
+    return [(job.post / ATTRIB, "a")] + finetune + data_files(job)
+
+
 STAGES = {s.name: s for s in [
     Stage("tpre", run_tpre, lambda j: j.pre, ("model-best.safetensors", "model-last.safetensors"),
-          lambda j: data_files(j), ("data", "model", "train", "seed", "subsample")),
+          tpre_inputs, ("data", "model", "train", "seed", "subsample")),
     Stage("gpre", run_gpre, lambda j: j.pre, (SAMPLES,),
           lambda j: [(j.weights(j.pre), "tpre")] + data_files(j, ("test",)),
           ("sample", "num_attrib", "control_factor", "use_last_ckpt")),
@@ -192,7 +233,7 @@ STAGES = {s.name: s for s in [
           + data_files(j, ("train",)),
           ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt")),
     Stage("tpost", run_tpost, lambda j: j.post, ("model-best.safetensors", "model-last.safetensors"),
-          lambda j: [(j.post / ATTRIB, "a")] + data_files(j), ("data", "model", "train", "seed", "subsample")),
+          tpost_inputs, ("data", "model", "train", "seed", "subsample", "tpost")),
     Stage("gpost", run_gpost, lambda j: j.post, (SAMPLES,),
           lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
     Stage("lds", lds.run, lds.folder, (lds.OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
@@ -233,13 +274,14 @@ def hash_of(path):
 
 
 def settings_of(cfg, keys):
-    """Config sections as plain data; the dataset's location is not a setting (its files are hashed as inputs)."""
+    """Config sections as plain data; the dataset's location is not a setting (its files are hashed as inputs),
+    nor what its config expects the data to be (data.expect)."""
     s = C.sections(cfg, *keys)
     if isinstance(s.get("data"), dict):
-        s["data"] = {k: v for k, v in s["data"].items() if k != "folder"}
+        s["data"] = {k: v for k, v in s["data"].items() if k not in ("folder", "expect")}
     if isinstance(s.get("attrib"), dict):  # how fast, not what: batch layout and compilation change only float noise
         s["attrib"] = {k: v for k, v in s["attrib"].items() if k not in ("eval_batch", "compile", "channels_last")}
-    return s
+    return C.drop_later_defaults(s, cfg.model.net)
 
 
 def redo(name):
@@ -379,7 +421,7 @@ def plan(job, names):
 def check_inputs(job, stage, will_run):
     """Every input is there (or its stage will run first) and, when its stage has finished, current."""
     for path, producer in stage.inputs(job):
-        if producer == "data":
+        if producer in ("data", "pretrained"):  # outside the pipeline (a pretrained folder was checked at compose)
             job.meta  # builds a bundled dataset on first use, or says what is missing
         elif not Path(path).exists():
             if producer not in will_run:

@@ -17,7 +17,7 @@ from mucs.diffusion import per_sample_loss
 from mucs.distributed import World, data_parallel
 from mucs.errors import UserError
 from mucs.io import torch_load, torch_save, write_text
-from mucs.model import build_denoiser, clone, labels_of, save_weights
+from mucs.model import build_denoiser, clone, export_diffusers, labels_of, load_weights, save_weights
 
 STATE = "train-state.pt"
 
@@ -99,10 +99,15 @@ def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=
     return world.sum(total) / n
 
 
-def run_key(cfg, split):
-    """What a training state belongs to: the model and recipe settings, the seed and the training items."""
+def run_key(cfg, split, init=None):
+    """What a training state belongs to: the model and recipe settings, the seed, the training items and the
+    initial weights (a fine-tune's)."""
     from mucs.config import hash_settings, sections
-    return hash_settings(dict(sections(cfg, "model", "train", "seed"), ids=split.ids.tolist()))
+    from mucs.io import file_hash
+    key = dict(sections(cfg, "model", "train", "seed"), ids=split.ids.tolist())
+    if init is not None:
+        key["init"] = file_hash(init)
+    return hash_settings(key)
 
 
 def lr_at(step, cfg):
@@ -114,10 +119,12 @@ def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
-def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", world=World()):
+def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", world=World(), init=None):
     """Train a denoiser on `split`; write model-best/-last.safetensors (EMA weights) and train_log.csv
-    into out_dir. Resumes from out_dir/train-state.pt when present. In a world of several processes
-    each takes its rows of every global batch; only rank 0 writes."""
+    into out_dir (and, for diffusers backbones, the best weights as a diffusers pipeline in out_dir/diffusers).
+    `init`: a weights file to start from (a fine-tune) instead of the seeded initialisation. Resumes from
+    out_dir/train-state.pt when present. In a world of several processes each takes its rows of every global
+    batch; only rank 0 writes."""
     tc, mc, out_dir = cfg.train, cfg.model, Path(out_dir)
     if len(split) == 0:
         raise UserError("the training set is empty; check --subsample and the removal size")
@@ -125,11 +132,15 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", worl
         raise UserError(f"train.batch {tc.batch} is smaller than the {world.size} data-parallel processes; "
                         f"raise train.batch or start fewer processes")
     torch.manual_seed(cfg.seed)  # initial weights
-    D = build_denoiser(mc, meta).to(device).train()
+    D = build_denoiser(mc, meta)
+    if init is not None:
+        load_weights(init, D, what="initial weights")
+    D = D.to(device).train()
     ema = clone(D).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(D.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(D.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.get("beta1", 0.9), 0.999),
+                            eps=1e-8)
     step, best, since_best, log, running = 0, math.inf, 0, [], []
-    state_path, key = out_dir / STATE, run_key(cfg, split)
+    state_path, key = out_dir / STATE, run_key(cfg, split, init)
     if state_path.exists():
         st = torch_load(state_path, what="training state", hint="rerun the training stage")
         if not isinstance(st, dict) or st.get("key", key) != key:
@@ -148,6 +159,8 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", worl
             print(f"[{desc}] already finished ({st['stopped']}) at step {step}")
             if world.main:
                 write_log(out_dir / "train_log.csv", log)  # in case a kill came between the two
+                if not (out_dir / "diffusers").exists():
+                    export(mc, meta, out_dir, desc)
             return dict(steps=step, best_val=best, stopped=st["stopped"])
         print(f"[{desc}] resuming from {state_path} at step {step}")
     order, augment = Order(len(split), tc.batch, cfg.seed), make_augment(mc, tc)
@@ -219,7 +232,14 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", worl
     if world.main:
         write_log(out_dir / "train_log.csv", log)
         print(f"[{desc}] {stopped} at step {step}; best val loss {best:.4f}; weights in {out_dir}")
+        export(mc, meta, out_dir, desc)
     return dict(steps=step, best_val=best, stopped=stopped)
+
+
+def export(model_cfg, meta, out_dir, desc):
+    folder = export_diffusers(model_cfg, meta, Path(out_dir) / "model-best.safetensors", Path(out_dir) / "diffusers")
+    if folder:
+        print(f"[{desc}] diffusers pipeline of the best EMA weights in {folder}")
 
 
 def write_log(path, rows):

@@ -146,7 +146,7 @@ def test_deterministic_with_fixed_seed():
 
 
 def test_registry_builds_unet():
-    net = build_net("unet", img_resolution=8, in_channels=1, out_channels=1, **TINY)
+    net = build_net("unet", TINY, img_resolution=8, in_channels=1, out_channels=1)
     assert isinstance(net, SongUNet)
 
 

@@ -2,6 +2,7 @@
 the sampler's ladder, image-embedding similarity (clip, dino, sscd), and per-sample gradients of a scalar
 output function of the denoiser (dtrak, das, abu) with a seeded random projection (TRAK).
 """
+import contextlib
 import hashlib
 import json
 import warnings
@@ -128,7 +129,8 @@ def flat_grads(D, names, kind, x, sigma, eps, labels=None):
         Dfn = lambda *a: functional_call(D, ({**params, **theta}, buffers), a)  # noqa: E731
         return output(kind, D, Dfn, x1[None], s1[None], e1[None], None if y1 is None else y1[None])
 
-    with warnings.catch_warnings():
+    plain = getattr(D.net, "plain_attention", contextlib.nullcontext)  # diffusers models: no fused attention kernels
+    with warnings.catch_warnings(), plain():
         warnings.filterwarnings("ignore", message=".*performance drop.*")  # no vmap rule for CPU attention
         g = vmap(grad(f), in_dims=(None, 0, 0, 0, None if labels is None else 0))(chosen, x, sigma, eps, labels)
     return torch.cat([g[n].flatten(1) for n in names], 1)

@@ -19,6 +19,7 @@ import torch
 from torch.func import functional_call
 
 from mucs.attrib.base import Method, register
+from mucs.config import sample_settings
 from mucs.diffusion import ladder_at, per_sample_loss
 from mucs.errors import UserError
 from mucs.io import file_hash, load_tensors, save_tensors
@@ -126,6 +127,8 @@ class MUCS(Method):
         if hasattr(self, "L_orig"):
             return
         ctx, cfg, dev = self.ctx, self.cfg, self.ctx.device
+        patterns = cfg.trainable.get(ctx.cfg.model.net) if hasattr(cfg.trainable, "get") else cfg.trainable
+        self.trainable = trainable_names(ctx.D, patterns or [])  # before any work: a bad pattern is refused at once
         self.X = ctx.train.float_images().to(dev)
         self.labels = labels_of(ctx.train, ctx.cfg.model, ctx.meta)
         self.labels = None if self.labels is None else self.labels.to(dev)
@@ -134,8 +137,6 @@ class MUCS(Method):
         self.eval_batch = pairs_per_batch(cfg.eval_batch, self.X)
         self.L_orig = self.cached("L_orig", lambda: self.losses(ctx.D, self.sigmas, self.E))
         self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(self.cached("L_null", self.estimate_L_null))
-        patterns = cfg.trainable.get(ctx.cfg.model.net) if hasattr(cfg.trainable, "get") else cfg.trainable
-        self.trainable = trainable_names(ctx.D, patterns or [])
         self.augment = make_augment(ctx.cfg.model, ctx.cfg.train) if cfg.augment else None
 
     # -- the fixed noise set ----------------------------------------------------------------------
@@ -154,7 +155,7 @@ class MUCS(Method):
         ctx, cfg = self.ctx, self.cfg
         weights = ctx.shared_dir / ("model-last.safetensors" if ctx.cfg.use_last_ckpt else "model-best.safetensors")
         key = dict(what=what, weights=file_hash(weights), ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16],
-                   sample=dict(ctx.cfg.sample), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
+                   sample=sample_settings(ctx.cfg), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
                    null_batches=cfg.null_batches, job_seed=ctx.seed)
         switches = {k: cfg.get(k) for k in ("compile", "eval_autocast") if cfg.get(k) not in (None, False, "none")}
         if what == "L_orig" and switches:  # L_orig and L_unl go through the same evaluation path

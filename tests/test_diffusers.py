@@ -20,7 +20,7 @@ DIGITS = dict(resolution=8, channels=1, cond="class", num_classes=10, cond_dim=0
 UNET = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
             up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=8, attention_head_dim=8)
 TINY_DDPM = ["train.steps=24", "train.epoch_steps=8", "train.ckpt_every=4", "train.batch=32", "train.warmup_steps=4",
-             "model.net_kwargs.block_out_channels=[16,32]", "num_attrib=3", "control_factor=1.0", "sample.num_steps=4",
+             "num_attrib=3", "control_factor=1.0", "sample.num_steps=4",
              "data.num_removal_base=5", "train.val_items=64", "job_attrib.mucs.num_noises=8",
              "job_attrib.mucs.null_batches=4"]
 

@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W] (or float in [-1, 1]: images handed over in memory, mucs.api)
     ids: torch.Tensor  # int64 [N]
     labels: torch.Tensor  # int64 [N]
     conds: torch.Tensor | None = None  # float32 [N, K, D]
@@ -39,6 +39,8 @@ class Split:
 
     def float_images(self):
         """Images in [-1, 1], float32."""
+        if self.images.is_floating_point():
+            return self.images.float()
         return self.images.float() / 127.5 - 1
 
 

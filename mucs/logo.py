@@ -203,7 +203,7 @@ def format_summary(s):
 
 def group_eval_main(argv):
     from mucs.cli import Parser
-    from mucs.evaluate import find_jobs
+    from mucs.evaluation import find_jobs
 
     p = Parser(prog="guda_eval.py", description="Group attribution against the LOGO ground truth: Top-1, MRR, NDCG@3, "
                "Top-3 overlap, RBO (p 0.9), Spearman, averaged over queries; GUDA's speed-up over LOGO.")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY
 from mucs.cli import run_pipeline
-from mucs.evaluate import run_eval
+from mucs.evaluation import run_eval
 from mucs.io import file_hash, load_tensor_metadata, save_tensors
 from mucs.lock import LOCK, me
 

@@ -13,7 +13,7 @@ from mucs.cli import run_pipeline
 from mucs.diffusers_adapter import DDPMPrecond, DiffusersNet, make_scheduler, scheduler_sampler
 from mucs.diffusion import SeedGenerators, heun_sampler, per_sample_loss
 from mucs.errors import UserError
-from mucs.evaluate import run_eval
+from mucs.evaluation import run_eval
 from mucs.model import build_denoiser
 
 DIGITS = dict(resolution=8, channels=1, cond="class", num_classes=10, cond_dim=0)

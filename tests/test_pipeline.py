@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mucs.cli import run_pipeline
-from mucs.evaluate import run_eval
+from mucs.evaluation import run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -136,17 +136,17 @@ def format_table(summary, pval, controls):
     return t.to_string(index=False)
 
 
-def eval_main(argv):
-    args, overrides = eval_args(argv)
-    base = C.compose(overrides)  # for paths.* (logs, cache, plots)
-    logs = args.logs or base.paths.logs
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def evaluate(jobs, methods, logs, out, metrics=None, cache=None, calc_ref=False, plots=True, show_controls=False,
+             device="auto"):
+    """The counterfactual evaluation of `methods` (random first) over the run names `jobs` in `logs`: per-sample
+    similarities, the pooled and per-seed summaries and the overlap of top ids, written as CSVs (and plots) into
+    `out`. Returns dict(sims, summary, per_seed, overlap, out) of DataFrames."""
+    methods = [m.strip() for m in methods if m.strip()]
     if "random" not in methods:
         raise UserError("--methods must include random: every method is measured against random removal")
     methods = ["random"] + [m for m in methods if m != "random"]
-    jobs = find_jobs(args.jobs, logs)
-    names, skip_missing = M.resolve(args.metrics)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    names, skip_missing = M.resolve(metrics)
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
 
     runs = []
     for job in jobs:
@@ -156,10 +156,10 @@ def eval_main(argv):
     if len(data) > 1:
         raise UserError(f"the jobs use different datasets {sorted(data)}; evaluate them separately")
     dcfg = runs[0]["cfg"].data
-    metrics = {}
+    metric_fns = {}
     for n in names:
         try:
-            metrics[n] = M.make_metric(n, dcfg.folder, dcfg.name, base.paths.cache, dcfg.get("ssim_upsample", 1), device)
+            metric_fns[n] = M.make_metric(n, dcfg.folder, dcfg.name, cache, dcfg.get("ssim_upsample", 1), device)
         except UserError as e:
             if not skip_missing:
                 raise
@@ -170,29 +170,39 @@ def eval_main(argv):
         n_t = int(r["pre"]["num_attrib"])
         for m in methods:
             p = r["posts"][m]
-            s = similarities(metrics, r["pre"]["images"], p["samples"]["images"],
+            s = similarities(metric_fns, r["pre"]["images"], p["samples"]["images"],
                              dict(pre=r["pre_dir"] / "samples.safetensors", post=p["dir"] / "samples.safetensors",
-                                  dir=p["dir"]), args.calc_ref)
+                                  dir=p["dir"]), calc_ref)
             s.insert(0, "method", m)
             s.insert(0, "job", r["job"])
             s["seed"] = r["pre"]["seeds"].numpy()
             s["part"] = np.where(np.arange(len(s)) < n_t, "target", "control")
             frames.append(s.drop(columns=["key"]))
     sims = pd.concat(frames, ignore_index=True)
-    summary = summarize(sims, metrics, methods)
-    per_seed = pd.concat([summarize(sims[sims.job == j], metrics, methods).assign(job=j) for j in jobs])
-    ov = overlaps(runs, methods)
-
-    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    for name, df in (("sims", sims), ("summary", summary), ("per_seed", per_seed), ("overlap", ov)):
-        with atomic_path(out / f"{name}.csv") as tmp:
-            df.to_csv(tmp, index=False)
-    if not args.no_plots:
+    res = dict(sims=sims, summary=summarize(sims, metric_fns, methods),
+               per_seed=pd.concat([summarize(sims[sims.job == j], metric_fns, methods).assign(job=j) for j in jobs]),
+               overlap=overlaps(runs, methods), out=Path(out))
+    res["out"].mkdir(parents=True, exist_ok=True)
+    for name in ("sims", "summary", "per_seed", "overlap"):
+        with atomic_path(res["out"] / f"{name}.csv") as tmp:
+            res[name].to_csv(tmp, index=False)
+    if plots:
         from mucs.plots import densities, grids
-        densities(sims, metrics, methods, out)
-        grids(runs, methods, out, args.show_controls)
-    shown = summary[summary.method != "random"] if len(methods) > 1 else summary
+        densities(sims, metric_fns, methods, res["out"])
+        grids(runs, methods, res["out"], show_controls)
+    return res
+
+
+def eval_main(argv):
+    args, overrides = eval_args(argv)
+    base = C.compose(overrides)  # for paths.* (logs, cache, plots)
+    logs = args.logs or base.paths.logs
+    jobs = find_jobs(args.jobs, logs)
+    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+    res = evaluate(jobs, args.methods.split(","), logs, out, args.metrics, base.paths.cache, args.calc_ref,
+                   not args.no_plots, args.show_controls, args.device)
+    summary, ov = res["summary"], res["overlap"]
+    shown = summary[summary.method != "random"] if summary.method.nunique() > 1 else summary
     print(f"\nCounterfactual evaluation: {len(jobs)} job(s), {summary.n_target.iloc[0]} targets per method pooled "
           f"(AUC > 0.5: the method's removal changed targets more than random removal)")
     print(format_table(shown, args.pval, args.show_controls))

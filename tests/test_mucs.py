@@ -146,3 +146,31 @@ def test_attribution_stage_logs_every_target(trained, planted, tmp_path):
         assert {"stop", "steps", "L_retain", "L_gen", "L_null", "seconds"} <= set(r)
     x, _ = targets_of(job)
     assert torch.allclose(x, te.float_images()[:2])
+
+
+def test_adaptive_evaluation_keeps_the_exact_top_k(tiny):
+    """attrib.adaptive: the candidates get every noise (their scores equal the exact run's), pruned items fewer
+    and rank below them; the noises per item are saved; the top num_removal ids equal the exact ones."""
+    import json
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from mucs.cli import run_pipeline
+
+    logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
+    common = ["--what=tpre,gpre,a", "--attrib=mucs", "attrib.max_steps=3", "job_attrib.mucs.num_noises=16"]
+    assert run_pipeline(common + tiny) == 0
+    post = logs / "digits_dit_edm_s1_k2.0_na3_sb0--post_mucs"
+    exact = load_file(str(post / "attrib.safetensors"))
+    other = [o if not o.startswith("paths.logs=") else f"paths.logs={logs / 'adaptive'}" for o in tiny]
+    assert run_pipeline(common + other + ["attrib.adaptive=true"]) == 0
+    ad_post = logs / "adaptive" / post.name
+    ad = load_file(str(ad_post / "attrib.safetensors"))
+    M = 16
+    assert (exact["noises"] == M).all() and (ad["noises"] <= M).all() and (ad["noises"] < M).any()
+    full = ad["noises"] == M
+    torch.testing.assert_close(ad["scores"][full], exact["scores"][full], rtol=1e-5, atol=1e-6)
+    for t in range(len(ad["scores"])):
+        assert ad["scores"][t][~full[t]].max() < ad["scores"][t][full[t]].min()
+    assert torch.equal(ad["top_ids"], exact["top_ids"])
+    log = [json.loads(line) for line in (ad_post / "attrib_log.jsonl").read_text().splitlines()]
+    assert all(r["forward_passes"] == int(n) for r, n in zip(log, ad["noises"].sum(1)))

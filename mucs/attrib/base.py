@@ -67,7 +67,9 @@ class Method:
 
     def score(self, x, labels, index):
         """x: targets [T, C, H, W] in [-1, 1]; labels: their condition vectors [T, d] or None; index: their
-        target numbers [T]. Returns scores [T, n_train] aligned with ctx.train, or (scores, [info dict per target])."""
+        target numbers [T]. Returns scores [T, n_train] aligned with ctx.train, or (scores, [info dict per target]);
+        an info's "tensors" (a dict of per-item tensors [n_train], e.g. how many noises each item got) are saved
+        beside the scores and merged into attrib.safetensors as [T, n_train]."""
         raise NotImplementedError
 
 
@@ -110,7 +112,8 @@ def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
         dt = (time.time() - t0) / len(idx)
         for k, t in enumerate(idx.tolist()):
             info = dict(infos[k], target=t, seconds=round(dt, 3))
-            save_tensors(part_path(work_dir, t), dict(scores=scores[k].float().cpu()), metadata=dict(info=info))
+            extra = {n: v.cpu() for n, v in info.pop("tensors", {}).items()}
+            save_tensors(part_path(work_dir, t), dict(extra, scores=scores[k].float().cpu()), metadata=dict(info=info))
         bar.update(len(idx))
         bar.set_postfix(s_per_target=f"{dt:.2f}")
     bar.close()
@@ -122,12 +125,14 @@ def merge(work_dir, n_targets, train_ids, num_removal):
     missing = [t for t in range(n_targets) if not part_path(work_dir, t).exists()]
     if missing:
         return missing
-    scores = torch.stack([load_tensors(part_path(work_dir, t), what="attribution part")["scores"] for t in range(n_targets)])
+    parts = [load_tensors(part_path(work_dir, t), what="attribution part") for t in range(n_targets)]
+    scores = torch.stack([p["scores"] for p in parts])
+    extra = {n: torch.stack([p[n] for p in parts]) for n in parts[0] if n != "scores" and all(n in p for p in parts)}
     if scores.shape[1] != len(train_ids):
         raise UserError(f"attribution parts in {work_dir} have {scores.shape[1]} scores per target but the training "
                         f"split has {len(train_ids)} items; they belong to another run: rerun with --force")
     order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :num_removal]
-    save_tensors(Path(work_dir) / ATTRIB, dict(scores=scores, top_ids=train_ids[order], train_ids=train_ids))
+    save_tensors(Path(work_dir) / ATTRIB, dict(extra, scores=scores, top_ids=train_ids[order], train_ids=train_ids))
     logs = [load_tensor_metadata(part_path(work_dir, t))["info"] for t in range(n_targets)]
     write_text(Path(work_dir) / "attrib_log.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in logs))
     return []

@@ -12,14 +12,15 @@ import copy
 import fnmatch
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
+from mucs import config as C
 from mucs.attrib.base import Method, register
-from mucs.config import sample_settings
 from mucs.diffusion import ladder_at, per_sample_loss
 from mucs.errors import UserError
 from mucs.io import file_hash, load_tensors, save_tensors
@@ -155,7 +156,7 @@ class MUCS(Method):
         ctx, cfg = self.ctx, self.cfg
         weights = ctx.shared_dir / ("model-last.safetensors" if ctx.cfg.use_last_ckpt else "model-best.safetensors")
         key = dict(what=what, weights=file_hash(weights), ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16],
-                   sample=sample_settings(ctx.cfg), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
+                   sample=C.sample_settings(ctx.cfg), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
                    null_batches=cfg.null_batches, job_seed=ctx.seed)
         switches = {k: cfg.get(k) for k in ("compile", "eval_autocast") if cfg.get(k) not in (None, False, "none")}
         if what == "L_orig" and switches:  # L_orig and L_unl go through the same evaluation path
@@ -237,21 +238,76 @@ class MUCS(Method):
 
     # -- step 2: noise-consistent skew --------------------------------------------------------------
 
-    def skew(self, L_unl, L_orig):
+    def skew_terms(self, L_unl, L_orig):
+        """The score's term per noise; the score is their mean over the fixed noises."""
         if self.cfg.score == "diff":
-            return (L_unl - L_orig).mean(1)
+            return L_unl - L_orig
         if self.cfg.score != "ratio":
             raise UserError(f"attrib.score must be 'ratio' or 'diff', not {self.cfg.score!r}")
-        return ((L_unl - L_orig) / (L_unl + L_orig + self.cfg.eps)).mean(1)
+        return (L_unl - L_orig) / (L_unl + L_orig + self.cfg.eps)
+
+    def skew(self, L_unl, L_orig):
+        return self.skew_terms(L_unl, L_orig).mean(1)
+
+    def adaptive_skew(self, D_u, sigmas, E):
+        """The scores by successive pruning (attrib.adaptive): every item is evaluated on the first block of the
+        fixed noises (blocks are strided, so each spans the whole ladder); after each block the items whose upper
+        confidence bound (Student t at level 1 - adaptive_alpha on the terms seen, finite-population corrected)
+        lies below the k-th largest lower bound are dropped, k = num_removal; once at most adaptive_keep * k
+        remain, they get every remaining noise, so their scores are the exact run's. A dropped item keeps the
+        mean of the terms it saw, capped below the lowest candidate's score (the top k are the candidates).
+        Returns (scores [n], noises evaluated per item [n])."""
+        from scipy.stats import t as student
+
+        cfg, n, M = self.cfg, len(self.X), len(sigmas)
+        nb = max(1, min(int(cfg.adaptive_blocks), M))
+        blocks = [torch.arange(b, M, nb) for b in range(nb)]
+        k = min(C.num_removal(self.ctx.cfg), n)
+        keep = max(k, int(float(cfg.adaptive_keep) * k))
+        total, sq = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        seen, alive = torch.zeros(n, dtype=torch.long), torch.arange(n)
+        loss = self.evaluator.bind(D_u)
+        for b in range(nb):
+            last = len(alive) <= keep or b == nb - 1
+            m = torch.cat(blocks[b:]) if last else blocks[b]
+            lab = None if self.labels is None else self.labels[alive.to(self.labels.device)]
+            L = item_noise_losses(D_u, self.X[alive.to(self.X.device)], lab, sigmas[m.to(sigmas.device)],
+                                  E[m.to(E.device)], self.eval_batch, loss)
+            r = self.skew_terms(L.double(), self.L_orig[alive][:, m].double())
+            total[alive] += r.sum(1)
+            sq[alive] += r.square().sum(1)
+            seen[alive] += len(m)
+            if last:
+                break
+            s = int(seen[alive[0]])
+            mean = total[alive] / s
+            var = (sq[alive] / s - mean.square()).clamp_min(0) * s / max(s - 1, 1)
+            half = student.ppf(1 - float(cfg.adaptive_alpha), max(s - 1, 1)) * (var / s * (1 - s / M)).sqrt()
+            cut = (mean - half).topk(k).values[-1]
+            alive = alive[mean + half >= cut]
+        scores = total / seen
+        final = seen == M
+        floor = scores[final].min()
+        scores[~final] = torch.minimum(scores[~final], floor - 1e-9 * (1 + floor.abs()))
+        return scores.float(), seen
 
     def score(self, x, labels, index):
         scores, infos = [], []
         for k, t in enumerate(index.tolist()):
             y_g = None if labels is None else labels[k: k + 1].to(self.ctx.device)
+            t0 = time.time()
             D_u, info = self.unlearn(x[k: k + 1].to(self.ctx.device), y_g, t)
+            t1 = time.time()
             sigmas, E = (self.sigmas, self.E) if self.cfg.consistent_noise else self.fixed_noise(
                 self.cfg.noise_seed + 1 + self.ctx.seed * 100003 + t)
-            L_unl = self.losses(D_u, sigmas, E)
-            scores.append(self.skew(L_unl, self.L_orig))
-            infos.append(info)
+            if self.cfg.get("adaptive", False):
+                if not self.cfg.consistent_noise:
+                    raise UserError("attrib.adaptive=true needs attrib.consistent_noise=true (it reuses L_orig per noise)")
+                s, seen = self.adaptive_skew(D_u, sigmas, E)
+            else:
+                s = self.skew(self.losses(D_u, sigmas, E), self.L_orig)
+                seen = torch.full((len(s),), len(sigmas), dtype=torch.long)
+            scores.append(s)
+            infos.append(dict(info, unlearn_s=round(t1 - t0, 3), eval_s=round(time.time() - t1, 3),
+                              forward_passes=int(seen.sum()), tensors=dict(noises=seen)))
         return torch.stack(scores), infos

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses
 from mucs.cli import guard
-from mucs.config import REPO, compose, pre_dir
+from mucs.config import REPO, compose, num_removal, pre_dir
 from mucs.data import write_dataset
 from mucs.diffusion import per_sample_loss
 from mucs.errors import UserError
@@ -157,6 +157,44 @@ def compare(m, x, labels, index, num_attrib, device):
                 spearman_min=min((r["spearman"] for r in rows if r["spearman"] is not None), default=None))
 
 
+def adaptive_compare(m, x, labels, index, device):
+    """Per target, exact MUCS and attrib.adaptive (interleaved; both run the same seeded unlearning): unlearning
+    and evaluation seconds, forward passes of the evaluation, the items evaluated on each pass, and the recall of
+    the exact top num_removal by the adaptive top num_removal."""
+    m.prepare()
+    ma = MUCS(OmegaConf.merge(m.cfg, {"adaptive": True}), m.ctx)
+    ma.__dict__.update({k: v for k, v in vars(m).items() if k != "cfg"})  # the prepared job-wide quantities
+    k = num_removal(m.ctx.cfg)
+    top = lambda s: set(torch.argsort(s, descending=True, stable=True)[:k].tolist())  # noqa: E731
+    rows = []
+    for i, t in enumerate(index):
+        x_g, y_g = x[t: t + 1].to(device), None if labels is None else labels[t: t + 1].to(device)
+        out = {}
+        for which in (("exact", "adaptive") if i % 2 == 0 else ("adaptive", "exact")):
+            s, info = (m if which == "exact" else ma).score(x_g, y_g, torch.tensor([t]))
+            out[which] = (s[0], info[0])
+        (se, ie), (sa, ia) = out["exact"], out["adaptive"]
+        rows.append(dict(target=t, unlearn_s=ie["unlearn_s"], exact_eval_s=ie["eval_s"], adaptive_eval_s=ia["eval_s"],
+                         exact_passes=ie["forward_passes"], adaptive_passes=ia["forward_passes"],
+                         recall=len(top(se) & top(sa)) / k, evaluated=ia["evaluated"]))
+    med = lambda f: round(statistics.median(f(r) for r in rows), 2)  # noqa: E731
+    return dict(k=k, items=len(m.X), noises=len(m.sigmas), blocks=int(ma.cfg.adaptive_blocks), targets=rows,
+                recall_min=min(r["recall"] for r in rows), recall_mean=round(statistics.mean(r["recall"] for r in rows), 4),
+                passes_ratio=med(lambda r: r["exact_passes"] / r["adaptive_passes"]),
+                eval_time_ratio=med(lambda r: r["exact_eval_s"] / max(r["adaptive_eval_s"], 1e-9)))
+
+
+def adaptive_projection(a, n=50_000, M=100):
+    """Evaluation forward passes per target at the published CIFAR-10 scale (n items x M noises) under the same
+    pruning schedule: the fractions of items evaluated on each pass as measured (medians over targets), the
+    noises split into the same number of strided blocks, the last pass taking every remaining noise."""
+    passes = max(len(r["evaluated"]) for r in a["targets"])
+    frac = [statistics.median((r["evaluated"] + [0] * passes)[b] / a["items"] for r in a["targets"]) for b in range(passes)]
+    size = [len(range(b, M, a["blocks"])) for b in range(a["blocks"])]
+    total = sum(n * f * (sum(size[b:]) if b == passes - 1 else size[b]) for b, f in enumerate(frac))
+    return dict(fractions=[round(f, 4) for f in frac], passes=round(total), exact_passes=n * M, ratio=round(n * M / total, 2))
+
+
 def throughput(m, device, rounds, pairs, compile=False):
     """Loss-evaluation throughput of the pre model over `pairs` (item, noise) pairs, each round right after a
     peak measurement: pairs/s, GFLOP/s and fraction of peak (medians over rounds; with `compile`, also the
@@ -251,6 +289,7 @@ def attribution(over, args):
     x, labels = targets_of(job)
     index = list(range(min(args.targets, len(x))))
     res = dict(compare=compare(m, x, labels, index, int(job.cfg.num_attrib), job.device))
+    res["adaptive"] = adaptive_compare(m, x, labels, list(range(min(args.adaptive_targets, len(x)))), job.device)
     res["throughput"] = throughput(m, job.device, args.rounds, (2 if args.quick else 4) * m.eval_batch, args.compile)
     res["mucs_s_per_target"] = statistics.median(r["fast_s"] for r in res["compare"]["targets"])
     res["train_items"], res["num_noises"] = len(ctx.train), int(job.cfg.attrib.num_noises)
@@ -266,6 +305,9 @@ def paper_scale(res):
     fpp = count_flops(lambda: per_sample_loss(D, x, s, x))
     total = fpp * 50_000 * 100
     out = dict(flops_per_pair=fpp, flops_per_target=total)
+    if "digits" in res["configs"]:
+        out["adaptive"] = adaptive_projection(res["configs"]["digits"]["adaptive"])
+        out["adaptive"]["flops_per_target"] = fpp * out["adaptive"]["passes"]
     if "cifar" in res["configs"]:
         out["cpu_hours_per_target"] = round(total / (res["configs"]["cifar"]["throughput"]["eager"]["gflops"] * 1e9) / 3600, 1)
     return out
@@ -297,6 +339,15 @@ def table(res):
                   for k in ("eager", "compiled") if k in t]
         if "compile_s" in t:
             lines += ["", f"torch.compile: {t['compile_s']} s to compile, {t['compile_speedup']}x the eager throughput"]
+        a = r["adaptive"]
+        lines += ["", f"adaptive evaluation (attrib.adaptive, {a['blocks']} blocks) against exact, top {a['k']} of "
+                  f"{a['items']} items x {a['noises']} noises: recall min {a['recall_min']:.3f} (mean "
+                  f"{a['recall_mean']:.3f}), {a['passes_ratio']}x fewer forward passes, {a['eval_time_ratio']}x less "
+                  f"evaluation time (medians)", "",
+                  "| target | unlearning s | exact eval s | adaptive eval s | exact passes | adaptive passes | recall | items per pass |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['target']} | {x['unlearn_s']} | {x['exact_eval_s']} | {x['adaptive_eval_s']} | {x['exact_passes']} | "
+                  f"{x['adaptive_passes']} | {x['recall']:.3f} | {', '.join(map(str, x['evaluated']))} |" for x in a["targets"]]
         lines += [""]
     ps = res.get("paper_scale")
     if ps:
@@ -304,6 +355,11 @@ def table(res):
                   f"{ps['flops_per_target'] / 1e15:.0f} PFLOP per target (50,000 items x 100 noises)"
                   + (f", about {ps['cpu_hours_per_target']} h on this CPU at the CIFAR-sized run's rate"
                      if "cpu_hours_per_target" in ps else ""), ""]
+        if "adaptive" in ps:
+            a = ps["adaptive"]
+            lines += [f"adaptive at that scale (the digits pruning schedule: items per pass {a['fractions']} of all): "
+                      f"{a['passes']:,} forward passes per target instead of {a['exact_passes']:,} ({a['ratio']}x fewer), "
+                      f"{a['flops_per_target'] / 1e15:.0f} PFLOP", ""]
     return "\n".join(lines)
 
 
@@ -313,6 +369,8 @@ def main(argv):
     p.add_argument("--parts", default="peak,digits,cifar", help="comma-separated: peak, digits, cifar")
     p.add_argument("--targets", type=int, help="targets compared against the straightforward loop (default 2; quick 1)")
     p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 5; quick 2)")
+    p.add_argument("--adaptive_targets", type=int, default=20, help="targets of the exact vs adaptive comparison "
+                   "(at most num_attrib; default 20)")
     p.add_argument("--compile", action="store_true", help="also measure attrib.compile (eager vs compiled, interleaved)")
     p.add_argument("--cifar_width", type=int, default=256)
     p.add_argument("--cifar_eval_batch", default="auto")

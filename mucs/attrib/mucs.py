@@ -256,7 +256,7 @@ class MUCS(Method):
         lies below the k-th largest lower bound are dropped, k = num_removal; once at most adaptive_keep * k
         remain, they get every remaining noise, so their scores are the exact run's. A dropped item keeps the
         mean of the terms it saw, capped below the lowest candidate's score (the top k are the candidates).
-        Returns (scores [n], noises evaluated per item [n])."""
+        Returns (scores [n], noises evaluated per item [n], items evaluated on each pass)."""
         from scipy.stats import t as student
 
         cfg, n, M = self.cfg, len(self.X), len(sigmas)
@@ -265,9 +265,10 @@ class MUCS(Method):
         k = min(C.num_removal(self.ctx.cfg), n)
         keep = max(k, int(float(cfg.adaptive_keep) * k))
         total, sq = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        seen, alive = torch.zeros(n, dtype=torch.long), torch.arange(n)
+        seen, alive, evaluated = torch.zeros(n, dtype=torch.long), torch.arange(n), []
         loss = self.evaluator.bind(D_u)
         for b in range(nb):
+            evaluated.append(len(alive))
             last = len(alive) <= keep or b == nb - 1
             m = torch.cat(blocks[b:]) if last else blocks[b]
             lab = None if self.labels is None else self.labels[alive.to(self.labels.device)]
@@ -289,7 +290,7 @@ class MUCS(Method):
         final = seen == M
         floor = scores[final].min()
         scores[~final] = torch.minimum(scores[~final], floor - 1e-9 * (1 + floor.abs()))
-        return scores.float(), seen
+        return scores.float(), seen, evaluated
 
     def score(self, x, labels, index):
         scores, infos = [], []
@@ -303,7 +304,8 @@ class MUCS(Method):
             if self.cfg.get("adaptive", False):
                 if not self.cfg.consistent_noise:
                     raise UserError("attrib.adaptive=true needs attrib.consistent_noise=true (it reuses L_orig per noise)")
-                s, seen = self.adaptive_skew(D_u, sigmas, E)
+                s, seen, evaluated = self.adaptive_skew(D_u, sigmas, E)
+                info["evaluated"] = evaluated  # items on each pass (the last pass: every remaining noise)
             else:
                 s = self.skew(self.losses(D_u, sigmas, E), self.L_orig)
                 seen = torch.full((len(s),), len(sigmas), dtype=torch.long)

@@ -65,9 +65,9 @@ def timed(fn, device="cpu"):
     return time.perf_counter() - t0, out
 
 
-def matmul_peak(device, n=2048, reps=5):
-    """The fp32 matmul peak in GFLOP/s: the best of `reps` n^3 matmuls after a warm-up."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, n=2048, reps=5, dtype=torch.float32):
+    """The matmul peak in GFLOP/s (fp32 by default; bf16 on CUDA): the best of `reps` n^3 matmuls after a warm-up."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     return max(2 * n ** 3 / timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
 
@@ -184,6 +184,27 @@ def adaptive_compare(m, x, labels, index, device):
                 eval_time_ratio=med(lambda r: r["exact_eval_s"] / max(r["adaptive_eval_s"], 1e-9)))
 
 
+def bf16_agreement(m, x, labels, index, device):
+    """CUDA only: MUCS with the loss evaluation in bf16 (attrib.eval_autocast=bf16) against fp32, per target: the
+    Spearman correlation of the two score vectors and the overlap of their top num_removal; evaluation seconds;
+    the bf16 and fp32 matmul peaks and the run's peak GPU memory."""
+    m.prepare()
+    mb = MUCS(OmegaConf.merge(m.cfg, {"eval_autocast": "bf16"}), m.ctx)
+    mb.__dict__.update({k: v for k, v in vars(m).items() if k not in ("cfg", "evaluator")})
+    mb.evaluator = LossEvaluator(m.ctx.D, mb.cfg, device)
+    k, rows = num_removal(m.ctx.cfg), []
+    torch.cuda.reset_peak_memory_stats()
+    for t in index:
+        x_g, y_g = x[t: t + 1].to(device), None if labels is None else labels[t: t + 1].to(device)
+        (s32, i32), (s16, i16) = m.score(x_g, y_g, torch.tensor([t])), mb.score(x_g, y_g, torch.tensor([t]))
+        top = lambda s: set(torch.argsort(s[0], descending=True, stable=True)[:k].tolist())  # noqa: E731
+        rows.append(dict(target=t, spearman=round(float(spearmanr(s32[0].numpy(), s16[0].numpy()).statistic), 4),
+                         topk_overlap=len(top(s32) & top(s16)) / k, fp32_eval_s=i32[0]["eval_s"], bf16_eval_s=i16[0]["eval_s"]))
+    return dict(targets=rows, peak_memory_mb=round(torch.cuda.max_memory_allocated() / 2 ** 20),
+                peak_fp32_gflops=round(matmul_peak(device), 1),
+                peak_bf16_gflops=round(matmul_peak(device, dtype=torch.bfloat16), 1))
+
+
 def adaptive_projection(a, n=50_000, M=100):
     """Evaluation forward passes per target at the published CIFAR-10 scale (n items x M noises) under the same
     pruning schedule: the fractions of items evaluated on each pass as measured (medians over targets), the
@@ -290,6 +311,8 @@ def attribution(over, args):
     index = list(range(min(args.targets, len(x))))
     res = dict(compare=compare(m, x, labels, index, int(job.cfg.num_attrib), job.device))
     res["adaptive"] = adaptive_compare(m, x, labels, list(range(min(args.adaptive_targets, len(x)))), job.device)
+    if torch.device(job.device).type == "cuda":
+        res["bf16"] = bf16_agreement(m, x, labels, index, job.device)
     res["throughput"] = throughput(m, job.device, args.rounds, (2 if args.quick else 4) * m.eval_batch, args.compile)
     res["mucs_s_per_target"] = statistics.median(r["fast_s"] for r in res["compare"]["targets"])
     res["train_items"], res["num_noises"] = len(ctx.train), int(job.cfg.attrib.num_noises)
@@ -339,6 +362,15 @@ def table(res):
                   for k in ("eager", "compiled") if k in t]
         if "compile_s" in t:
             lines += ["", f"torch.compile: {t['compile_s']} s to compile, {t['compile_speedup']}x the eager throughput"]
+        if "bf16" in r:
+            b = r["bf16"]
+            tf = t["eager"]["gflops"] / 1e3
+            lines += ["", f"CUDA: {tf:.2f} TFLOP/s achieved in fp32 evaluation = {tf * 1e3 / b['peak_fp32_gflops']:.0%} of the "
+                      f"fp32 matmul peak ({b['peak_fp32_gflops'] / 1e3:.1f} TFLOP/s) and {tf * 1e3 / b['peak_bf16_gflops']:.0%} "
+                      f"of the bf16 peak ({b['peak_bf16_gflops'] / 1e3:.1f}); peak memory {b['peak_memory_mb']} MB", "",
+                      "| target | Spearman bf16 vs fp32 | top-k overlap | fp32 eval s | bf16 eval s |", "|---|---|---|---|---|"]
+            lines += [f"| {x['target']} | {x['spearman']} | {x['topk_overlap']:.3f} | {x['fp32_eval_s']} | {x['bf16_eval_s']} |"
+                      for x in b["targets"]]
         a = r["adaptive"]
         lines += ["", f"adaptive evaluation (attrib.adaptive, {a['blocks']} blocks) against exact, top {a['k']} of "
                   f"{a['items']} items x {a['noises']} noises: recall min {a['recall_min']:.3f} (mean "

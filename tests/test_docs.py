@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from test_report import browser
+from test_report import BROWSER_FLAGS, browser
 
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -65,10 +65,9 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def load(exe, tmp_path, url):
     """(DOM after the page's scripts ran, the browser's console messages)."""
-    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
-                          "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([exe, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                          "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, [line for line in out.stderr.splitlines() if ":CONSOLE" in line]
 
@@ -127,7 +126,8 @@ def unlink(text):
 # tables of the former README that describe settings, not measurements, and the page that holds them now
 SETTINGS_TABLES = {"| stage | does |": "concepts.md", "| job | model, precond |": "datasets.md",
                    "| preset | subsets x seeds |": "lds-logo.md", "| stage | runs |": "reproducing.md",
-                   "| name | scores training item j by |": "methods/index.md", "| setting | default |": "methods/guda.md"}
+                   "| name | scores training item j by |": "methods/index.md",
+                   "| setting | default |": "methods/guda.md"}
 
 
 def test_results_page_keeps_every_measured_table_row_of_the_former_readme():

@@ -101,8 +101,10 @@ def project(tmp_path, seeds):
     """A fresh copy of the project to run a page's commands in (pointer_to inside it, as on a new clone)."""
     copy = tmp_path / "project"
     for name in COPY:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(
-            ROOT / name, copy / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, copy / name)
     for sub in ("data", "cache", "logs", "plots"):
         (copy / "pointer_to" / sub).mkdir(parents=True)
     shutil.copytree(seeds / "data" / "digits", copy / "pointer_to" / "data" / "digits")
@@ -143,10 +145,10 @@ def test_getting_started_commands(project):
     assert "[setup] .venv is up to date" in out[0]
     for m in ("random", "pixel", "mucs"):
         assert (project / f"{RUN}--post_{m}" / "gpost.manifest.json").exists()
+    header = lambda text: next(line.split() for line in text.splitlines() if line.lstrip().startswith("method metric"))
     table = next(o for o in out if "Counterfactual evaluation" in o and "mucs" in o)
-    page = (DOCS / "getting-started.md").read_text()
-    header = next(line for line in table.splitlines() if line.lstrip().startswith("method metric"))
-    assert header.split() == re.search(r"^\s*method metric .*$", page, re.M).group(0).split()  # the page explains these
+    assert '--8<-- "docs/assets/demo_eval.txt"' in (DOCS / "getting-started.md").read_text()
+    assert header(table) == header((DOCS / "assets" / "demo_eval.txt").read_text())  # the columns the page explains
     assert (project / "pointer_to" / "plots" / "first" / "report.html").exists()
 
 
@@ -182,7 +184,8 @@ def test_datasets_own_folder_commands(project):
 
 def test_adding_a_method_commands(project, monkeypatch):
     out = run_page("adding-a-method.md", project)
-    assert (project / "mucs" / "attrib" / "denoised_nn.py").read_text() == (ROOT / "examples" / "denoised_nn.py").read_text()
+    example = (ROOT / "examples" / "denoised_nn.py").read_text()
+    assert (project / "mucs" / "attrib" / "denoised_nn.py").read_text() == example
     assert "torch.Size([20, 1500])" in out[3]
     assert (project / f"{RUN}--post_denoised_nn" / "gpost.manifest.json").exists()
     assert re.search(r"^\s*denoised_nn\s+ssim ", out[-1], re.M), out[-1]

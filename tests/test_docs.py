@@ -12,7 +12,6 @@ import runpy
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest

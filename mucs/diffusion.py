@@ -188,7 +188,7 @@ def build_precond(net, cfg):
 
 
 def describe_ladder(sigmas):
-    """A one-line summary of a sigma ladder (ending in 0) for logs: '<steps> steps, sigma <first> -> <last>'."""
+    """A one-line summary of a sigma ladder (ending in 0) for logs: `<steps> steps, sigma <first> -> <last>`."""
     s = np.asarray(sigmas, dtype=float)
     return f"{len(s) - 1} steps, sigma {s[0]:.3g} -> {s[-2]:.3g}"
 

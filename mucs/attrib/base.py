@@ -89,7 +89,8 @@ def get_method(name):
 
 
 def part_path(work_dir, t):
-    """The file that holds target t's scores in a method's work folder: <work_dir>/attrib-parts/t<t:05d>.safetensors."""
+    """The file that holds target t's scores in a method's work folder:
+    `<work_dir>/attrib-parts/t<t:05d>.safetensors`."""
     return Path(work_dir) / PARTS / f"t{t:05d}.safetensors"
 
 

@@ -96,9 +96,9 @@ def part_path(work_dir, t):
 
 def blocks(n_targets, batch_targets, shard=(0, 1)):
     """The batches of targets shard i/n scores, a list of lists of target numbers: fixed blocks of batch_targets
-    (targets b*B ... b*B + B-1), blocks
-    i, i+n, ... A shard or a resumed run thus scores every target in the same batch as one unsplit run, so
-    methods whose batched arithmetic depends on the batch still give the same scores bit for bit."""
+    (targets b*B ... b*B + B-1), blocks i, i+n, ... A shard or a resumed run thus scores every target in the same
+    batch as one unsplit run, so methods whose batched arithmetic depends on the batch still give the same scores
+    bit for bit."""
     bs = max(1, batch_targets)
     return [list(range(b, min(b + bs, n_targets))) for b in range(shard[0] * bs, n_targets, shard[1] * bs)]
 

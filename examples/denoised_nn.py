@@ -17,7 +17,7 @@ class DenoisedNN(Method):
 
     @torch.no_grad()
     def features(self, x):
-        """D(x + sigma eps, sigma) of images x [N, C, H, W] in [-1, 1], flattened: [N, C*H*W]; one noise eps for all."""
+        """D(x + sigma eps, sigma) of images x [N, C, H, W] in [-1, 1], flattened to [N, C*H*W]; one eps for all."""
         cfg, ctx = self.cfg, self.ctx
         eps = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(cfg.noise_seed)))
         out = []

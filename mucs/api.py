@@ -140,7 +140,7 @@ def _targets(targets, meta):
 
 
 def method_config(cfg, method, overrides):
-    """The model's config with attrib = configs/attrib/<method>.yaml resolved against it (its job's scaling under
+    """The model's config with attrib = `configs/attrib/<method>.yaml` resolved against it (its job's scaling under
     job_attrib, as pipeline.py composes it) and the method's keys overridden: same names, kinds and defaults."""
     if method not in C.options("attrib"):
         raise UserError(f"unknown attribution method {method!r}; choose from {', '.join(C.options('attrib'))}")
@@ -209,7 +209,7 @@ def run(job: str, what: str = "tpre,gpre,a,tpost,gpost", *, seed: int = 1, metho
         overrides: Sequence[str] = (), device: str = "auto") -> Path:
     """pipeline.py as a function: the stages `what` of preset `job` for one seed and method, through the same stage
     code (finished stages are skipped, a killed one resumes). overrides: Hydra overrides as on the command line
-    (e.g. "train.steps=500"). Returns the run's pre folder (<paths.logs>/<run>--pre)."""
+    (e.g. "train.steps=500"). Returns the run's pre folder (`<paths.logs>/<run>--pre`)."""
     from mucs import stages as S
 
     names = S.parse_what(what)
@@ -235,7 +235,7 @@ def evaluate(runs: Sequence[str], methods: Sequence[str], *, metrics: str | None
              plots: bool = True, overrides: Sequence[str] = (), device: str = "auto"):
     """eval.py as a function: the counterfactual evaluation of `methods` (random is added when missing) over the
     run names `runs` (globs allowed) in `logs` (default paths.logs). Writes sims/summary/per_seed/overlap CSVs
-    and plots into `out` (default <paths.plots>/eval_<first run>) and returns the pooled summary DataFrame
+    and plots into `out` (default `<paths.plots>/eval_<first run>`) and returns the pooled summary DataFrame
     (auc_target, ratio_target, p_target, and the same for controls; `.attrs["out"]` is the folder)."""
     from mucs.evaluation import evaluate as run_evaluation, find_jobs
 

@@ -45,7 +45,11 @@ class Split:
 
 
 def write_dataset(folder, meta: dict, splits: dict):
-    """Write a dataset in the stored format. `splits` maps 'train'/'test' to dicts of tensors/arrays."""
+    """Write a dataset in the stored format into `folder`. `meta`: at least its name, and for class labels
+    `num_classes` and `cond: class` (channels and resolution are read from the images). `splits` maps 'train' and
+    'test' to dicts of arrays or tensors: `images` uint8 [N, C, H, W], `ids` [N] (unique, stable: attribution
+    reports these), optional `labels` [N] (default -1) and `conds` [N, K, D]. meta.json is written last, so a
+    folder with it is complete. Returns None; malformed splits raise ValueError."""
     folder = Path(folder)
     for name, s in splits.items():
         t = {k: torch.as_tensor(np.asarray(v)) for k, v in s.items() if v is not None}

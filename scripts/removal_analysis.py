@@ -1,4 +1,4 @@
-"""What the methods' removals are, on finished digits runs (the analysis behind README "Measured on digits").
+"""What the methods' removals are, on finished digits runs (the analysis of docs/results.md, "Why the controls move").
 
 Per seed: items removed; share of each sample's class removed, share of its 10 nearest training items (pixel
 distance to the pre image) removed, and its post similarity (targets, controls);

@@ -21,6 +21,9 @@ PARTS = "attrib-parts"
 
 
 def register(name):
+    """A class decorator: `@register("name")` names a Method subclass and puts it in the registry, where
+    `--attrib=name` (with configs/attrib/name.yaml) and `mucs.attribute(..., method="name")` find it. Returns the
+    decorator, which returns the class unchanged."""
     def deco(cls):
         cls.name = name
         REGISTRY[name] = cls
@@ -44,6 +47,7 @@ class Context:
 
     @property
     def seed(self):
+        """The job's training seed (cfg.seed), an int: for methods whose random draws are fixed per job."""
         return int(self.cfg.seed)
 
     def autocast(self):
@@ -54,7 +58,10 @@ class Context:
 
 
 class Method:
-    """Subclass, decorate with @register("name"), add configs/attrib/<name>.yaml."""
+    """The base class of an attribution method: subclass it, decorate the subclass with @register("name") and add
+    configs/attrib/name.yaml. The runner constructs it as Method(cfg, ctx), with its config section `cfg` (the
+    YAML's keys, overrides applied) and a Context, calls prepare() once and then score() on blocks of
+    `batch_targets` targets; score returns one row of training-item scores per target."""
 
     name = "?"
     batch_targets = 1  # targets per score() call
@@ -74,6 +81,8 @@ class Method:
 
 
 def get_method(name):
+    """The registered Method subclass called `name`, after importing every method module of mucs/attrib; a
+    UserError naming the registered methods if there is none."""
     import mucs.attrib  # noqa: F401  (imports every method module)
 
     if name not in REGISTRY:
@@ -82,19 +91,25 @@ def get_method(name):
 
 
 def part_path(work_dir, t):
+    """The file that holds target t's scores in a method's work folder:
+    `<work_dir>/attrib-parts/t<t:05d>.safetensors`."""
     return Path(work_dir) / PARTS / f"t{t:05d}.safetensors"
 
 
 def blocks(n_targets, batch_targets, shard=(0, 1)):
-    """The batches of targets shard i/n scores: fixed blocks of batch_targets (targets b*B ... b*B + B-1), blocks
-    i, i+n, ... A shard or a resumed run thus scores every target in the same batch as one unsplit run, so
-    methods whose batched arithmetic depends on the batch still give the same scores bit for bit."""
+    """The batches of targets shard i/n scores, a list of lists of target numbers: fixed blocks of batch_targets
+    (targets b*B ... b*B + B-1), blocks i, i+n, ... A shard or a resumed run thus scores every target in the same
+    batch as one unsplit run, so methods whose batched arithmetic depends on the batch still give the same scores
+    bit for bit."""
     bs = max(1, batch_targets)
     return [list(range(b, min(b + bs, n_targets))) for b in range(shard[0] * bs, n_targets, shard[1] * bs)]
 
 
 def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
-    """Score the targets of this shard (see `blocks`) whose block has a target without a part file yet."""
+    """The runner of `--what=a`: score targets x [T, C, H, W] in [-1, 1] (condition vectors `labels` [T, d] or
+    None) with `method`, block by block (see `blocks`), writing one part file per target into `work_dir`. Blocks
+    whose targets all have a part are skipped, so a killed run resumes; `shard=(i, n)` scores shard i's blocks
+    only. Returns None; non-finite scores raise a UserError."""
     todo = [b for b in blocks(len(x), method.batch_targets, shard)
             if not all(part_path(work_dir, t).exists() for t in b)]
     if not todo:
@@ -139,6 +154,8 @@ def merge(work_dir, n_targets, train_ids, num_removal):
 
 
 def load_attrib(work_dir):
+    """The merged attribution file of a post folder, a dict of scores [T, n_train], top_ids [T, k] and train_ids
+    [n_train]; a UserError if it is missing, damaged or not an attribution file of this toolkit."""
     t = load_tensors(Path(work_dir) / ATTRIB, what="attribution ids file", hint="rerun --what=a")
     if not {"scores", "top_ids", "train_ids"} <= set(t):
         raise UserError(f"{Path(work_dir) / ATTRIB} is not an attribution file of this toolkit; rerun --what=a")

@@ -252,8 +252,9 @@ class MUCS(Method):
     def adaptive_skew(self, D_u, sigmas, E):
         """The scores by successive pruning (attrib.adaptive): every item is evaluated on the first block of the
         fixed noises (blocks are strided, so each spans the whole ladder); after each block the items whose upper
-        confidence bound (Student t at level 1 - adaptive_alpha on the terms seen, finite-population corrected)
-        lies below the k-th largest lower bound are dropped, k = num_removal; once at most adaptive_keep * k
+        confidence bound (Student t at level 1 - adaptive_alpha on the terms seen, finite-population corrected;
+        with adaptive_prior_dof > 0 each item's variance is moderated towards the items' median with that many
+        degrees of freedom) lies below the k-th largest lower bound are dropped, k = num_removal; once at most adaptive_keep * k
         remain, they get every remaining noise, so their scores are the exact run's. A dropped item keeps the
         mean of the terms it saw, capped below the lowest candidate's score (the top k are the candidates).
         Returns (scores [n], noises evaluated per item [n], items evaluated on each pass)."""
@@ -280,10 +281,12 @@ class MUCS(Method):
             seen[alive] += len(m)
             if last:
                 break
-            s = int(seen[alive[0]])
+            s, d0 = int(seen[alive[0]]), float(cfg.get("adaptive_prior_dof", 0))
             mean = total[alive] / s
             var = (sq[alive] / s - mean.square()).clamp_min(0) * s / max(s - 1, 1)
-            half = student.ppf(1 - float(cfg.adaptive_alpha), max(s - 1, 1)) * (var / s * (1 - s / M)).sqrt()
+            if d0 > 0:  # moderated variance: each item's spread shrunk towards the items' median, d0 extra dof
+                var = ((s - 1) * var + d0 * var.median()) / (s - 1 + d0)
+            half = student.ppf(1 - float(cfg.adaptive_alpha), max(s - 1, 1) + d0) * (var / s * (1 - s / M)).sqrt()
             cut = (mean - half).topk(k).values[-1]
             alive = alive[mean + half >= cut]
         scores = total / seen

@@ -97,6 +97,11 @@ def post_dir(cfg, method=None):
     return Path(cfg.paths.logs) / f"{run_name(cfg)}--post_{method or cfg.attrib.name}"
 
 
+def run_dir(cfg, kind):
+    """The run folder of a stage with a folder of its own: <run>--<kind> (lds, logo)."""
+    return Path(cfg.paths.logs) / f"{run_name(cfg)}--{kind}"
+
+
 def to_yaml(cfg):
     return OmegaConf.to_yaml(cfg, resolve=True)
 

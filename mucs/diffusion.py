@@ -167,18 +167,6 @@ def heun_sampler(D, latents, sigmas, labels=None, guidance=1.0, S_churn=0.0, S_m
     return x.float()
 
 
-def build_precond(net, cfg):
-    """A preconditioner from the model config's `precond` block."""
-    kw = dict(cfg)
-    kind = kw.pop("kind")
-    if kind == "ddpm":  # a diffusers scheduler's discrete-time parametrisation
-        from mucs.diffusers_adapter import DDPMPrecond
-        return DDPMPrecond(net, **kw)
-    if kind not in PRECONDS:
-        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS) + ['ddpm']}")
-    return PRECONDS[kind](net, **kw)
-
-
 def describe_ladder(sigmas):
     s = np.asarray(sigmas, dtype=float)
     return f"{len(s) - 1} steps, sigma {s[0]:.3g} -> {s[-2]:.3g}"

@@ -1,5 +1,4 @@
 """eval.py: compare pre and post images of every method across jobs (seeds) against random removal."""
-import argparse
 import fnmatch
 from pathlib import Path
 
@@ -11,29 +10,10 @@ from mucs import config as C
 from mucs import metrics as M
 from mucs import stats
 from mucs.attrib.base import load_attrib
-from mucs.cli import Parser, guard
 from mucs.errors import UserError
 from mucs.generate import load_samples
 from mucs.io import atomic_path, file_hash
-
-
-def eval_args(argv):
-    p = Parser(prog="eval.py", description="Counterfactual evaluation: AUC and Ratio against random removal.")
-    p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
-    p.add_argument("--methods", default="random,pixel", help="comma-separated methods; must include random")
-    p.add_argument("--metrics", default=None, help="comma list, 'published' or 'all_available' (default: the no-download set)")
-    p.add_argument("--calc_ref", action="store_true", help="recompute the per-sample similarities even if cached")
-    p.add_argument("--pval", action="store_true", help="show p-values in the printed table")
-    p.add_argument("--show_controls", action="store_true", help="show control rows in the printed table and grids")
-    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
-    p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no_plots", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if r.startswith("-")]
-    if bad:
-        raise UserError(f"unknown option {bad[0]}; see --help")
-    return args, rest
+from mucs.manifest import check_finished
 
 
 def find_jobs(spec, logs):
@@ -50,8 +30,6 @@ def find_jobs(spec, logs):
 
 def load_run(logs, job, methods):
     """Pre samples, and per method its post samples and top ids, checked to share seeds."""
-    from mucs.stages import check_finished
-
     pre_dir = Path(logs) / f"{job}--pre"
     cfg = C.load_saved(pre_dir / "config.yaml")
     check_finished(pre_dir, "gpre")
@@ -136,17 +114,12 @@ def format_table(summary, pval, controls):
     return t.to_string(index=False)
 
 
-def eval_main(argv):
-    args, overrides = eval_args(argv)
-    base = C.compose(overrides)  # for paths.* (logs, cache, plots)
-    logs = args.logs or base.paths.logs
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "random" not in methods:
-        raise UserError("--methods must include random: every method is measured against random removal")
-    methods = ["random"] + [m for m in methods if m != "random"]
-    jobs = find_jobs(args.jobs, logs)
-    names, skip_missing = M.resolve(args.metrics)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+def evaluate(paths, logs, jobs, methods, metrics=None, calc_ref=False, pval=False, show_controls=False, fn_out=None,
+             device="auto", plots=True):
+    """eval.py: the runs `jobs` (run names in `logs`) of `methods` (random first) against random removal; tables
+    and plots in <paths.plots>/<fn_out>/, the table printed. `paths`: the config's paths (cache, plots)."""
+    names, skip_missing = M.resolve(metrics)
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
 
     runs = []
     for job in jobs:
@@ -159,7 +132,7 @@ def eval_main(argv):
     metrics = {}
     for n in names:
         try:
-            metrics[n] = M.make_metric(n, dcfg.folder, dcfg.name, base.paths.cache, dcfg.get("ssim_upsample", 1), device)
+            metrics[n] = M.make_metric(n, dcfg.folder, dcfg.name, paths.cache, dcfg.get("ssim_upsample", 1), device)
         except UserError as e:
             if not skip_missing:
                 raise
@@ -172,7 +145,7 @@ def eval_main(argv):
             p = r["posts"][m]
             s = similarities(metrics, r["pre"]["images"], p["samples"]["images"],
                              dict(pre=r["pre_dir"] / "samples.safetensors", post=p["dir"] / "samples.safetensors",
-                                  dir=p["dir"]), args.calc_ref)
+                                  dir=p["dir"]), calc_ref)
             s.insert(0, "method", m)
             s.insert(0, "job", r["job"])
             s["seed"] = r["pre"]["seeds"].numpy()
@@ -183,23 +156,20 @@ def eval_main(argv):
     per_seed = pd.concat([summarize(sims[sims.job == j], metrics, methods).assign(job=j) for j in jobs])
     ov = overlaps(runs, methods)
 
-    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+    out = Path(paths.plots) / (fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
     for name, df in (("sims", sims), ("summary", summary), ("per_seed", per_seed), ("overlap", ov)):
         with atomic_path(out / f"{name}.csv") as tmp:
             df.to_csv(tmp, index=False)
-    if not args.no_plots:
+    if plots:
         from mucs.plots import densities, grids
         densities(sims, metrics, methods, out)
-        grids(runs, methods, out, args.show_controls)
+        grids(runs, methods, out, show_controls)
     shown = summary[summary.method != "random"] if len(methods) > 1 else summary
     print(f"\nCounterfactual evaluation: {len(jobs)} job(s), {summary.n_target.iloc[0]} targets per method pooled "
           f"(AUC > 0.5: the method's removal changed targets more than random removal)")
-    print(format_table(shown, args.pval, args.show_controls))
+    print(format_table(shown, pval, show_controls))
     print("\nOverlap of top ids (within a method: across its targets; between methods: same target)")
     print(ov.to_string(index=False, float_format="{:.3f}".format))
     print(f"\n[eval] tables and plots in {out}")
     return 0
-
-
-run_eval = guard(eval_main)

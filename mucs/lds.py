@@ -24,7 +24,9 @@ import torch
 
 from mucs import config as C
 from mucs.errors import UserError
+from mucs.generate import SAMPLES
 from mucs.io import atomic_path, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
+from mucs.stages import Stage, add, data_files, targets_of
 
 OUTPUTS = "lds-outputs.safetensors"  # the stage's output: measured f [M, S, Q], subsets [M, n], train_ids
 UNIT_OUTPUT = "lds-output.safetensors"  # one unit's f [Q], cached next to its model
@@ -32,7 +34,7 @@ TABLE, PER_QUERY = "lds.csv", "lds_per_query.csv"
 
 
 def folder(job):
-    return Path(job.cfg.paths.logs) / f"{C.run_name(job.cfg)}--lds"
+    return C.run_dir(job.cfg, "lds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +102,6 @@ def subsets(job):
 
 def queries(job):
     """The images the methods attributed (gpre's targets) and their conditions."""
-    from mucs.stages import targets_of
-
     if job.cfg.targets:
         raise UserError("lds measures gpre's targets (the methods' scores are for them); drop targets=...")
     return targets_of(job)
@@ -205,7 +205,6 @@ def method_scores(job, Q):
     """{method: scores [Q, n]} of every post folder of this run whose finished attribution ranks this training
     split for the current gpre targets; the others are named with the reason they are left out."""
     from mucs.attrib.base import ATTRIB, load_attrib
-    from mucs.generate import SAMPLES
 
     samples, out = job.pre / SAMPLES, {}
     for d in sorted(Path(job.cfg.paths.logs).glob(f"{C.run_name(job.cfg)}--post_*")):
@@ -257,3 +256,8 @@ def show(job):
     print(summary.to_string(index=False, float_format="{:.3f}".format))
     print(f"[lds] {folder(job) / TABLE}")
     return summary
+
+
+add(Stage("lds", run, (OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
+          ("data", "model", "train", "seed", "subsample", "lds", "use_last_ckpt"), kind="lds", sharded=True, clear=clear,
+          units=lambda j: (len(units(j.cfg)), f"LDS trains {len(units(j.cfg))} models")))

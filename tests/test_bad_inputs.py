@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
-from mucs.cli import run_pipeline
-from mucs.evaluate import run_eval
+from mucs.cli import run_eval, run_pipeline
 from mucs.io import file_hash, load_tensor_metadata, save_tensors
 from mucs.lock import LOCK, me
 

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY
+from mucs import cli
 from mucs import config as C
 from mucs import launch as L
+from mucs import slurm_status as SS
 from mucs.attrib.base import blocks
 from mucs.cli import run_pipeline
 from mucs.errors import UserError
@@ -40,15 +42,15 @@ def test_grid_shares_pre_stages_between_methods():
         assert first < units.index(u)
     only_post = L.plan_grid(["j1"], ["mucs"], [3], ["a", "gpost"])
     assert only_post == [L.Unit("j1", 3, "mucs", ("a", "gpost"), False)]
-    assert L.parse_list("1-3,5", "seeds") == [1, 2, 3, 5]
+    assert cli.parse_list("1-3,5", "seeds") == [1, 2, 3, 5]
     with pytest.raises(UserError, match="unknown nope"):
-        L.parse_list("random,nope", "methods", C.options("attrib"))
+        cli.parse_list("random,nope", "methods", C.options("attrib"))
 
 
 def test_grid_dry_run_prints_the_grid_and_submits_nothing(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(L, "make_executor", lambda *a: pytest.fail("a dry run submitted"))
-    assert L.grid_main(["--jobs=digits_dit_edm", "--methods=random,pixel", "--seeds=1,2", "--dry_run",
-                        "--num_attrib=5", f"paths.logs={tmp_path}"]) == 0
+    assert cli.grid_main(["--jobs=digits_dit_edm", "--methods=random,pixel", "--seeds=1,2", "--dry_run",
+                          "--num_attrib=5", f"paths.logs={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "2 + 4 submissions" in out
     assert out.count("tpre,gpre") == 2 and out.count("a,tpost,gpost  after pre") == 4
@@ -104,8 +106,8 @@ def fake_slurm(monkeypatch):
     FakeExecutor.submitted.clear()
     states = {}
     monkeypatch.setattr(L, "make_executor", FakeExecutor)
-    monkeypatch.setattr(L, "slurm_states", lambda ids: {j: s for j, s in states.items()
-                                                         if j.split("_")[0] in {i.split("_")[0] for i in ids}})
+    monkeypatch.setattr(SS, "slurm_states", lambda ids: {j: s for j, s in states.items()
+                                                          if j.split("_")[0] in {i.split("_")[0] for i in ids}})
     return FakeExecutor.submitted, states
 
 
@@ -140,16 +142,16 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     logs = Path(next(o for o in tiny if o.startswith("paths.logs=")).split("=", 1)[1])
     # status: live jobs pending/running, a failed one names its log, a never-started dependant is cancelled
     states.update({t: "COMPLETED", g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
-    rows = {(r["kind"], r["stage"]): r for r in L.status(logs, "sb0")}
+    rows = {(r["kind"], r["stage"]): r for r in SS.status(logs, "sb0")}
     assert [rows["pre", s]["status"] for s in ("tpre", "gpre")] == ["failed", "running"]  # completed, no manifest
     assert rows["post_mucs", "a"]["status"] == "pending"
     log = Path(logs / f"{RUN}--slurm" / f"{g}_0_log.err")
     log.write_text("Traceback ...\nUserError: boom\n")
     states.update({g: "FAILED", "102_0": "CANCELLED", "102_[1-2]": "CANCELLED", merge: "CANCELLED"})
-    rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+    rows = {(r["kind"], r["stage"]): r for r in SS.status(logs)}
     assert rows["pre", "gpre"]["status"] == "failed" and rows["pre", "gpre"]["log"] == log
     assert rows["post_mucs", "a"]["status"] == "cancelled" and rows["post_mucs", "a"]["log"] is None
-    assert L.status(logs, "no-such-run") == []
+    assert SS.status(logs, "no-such-run") == []
 
     # a second submission waits for live jobs of earlier ones instead of submitting their stages again
     submitted.clear()
@@ -233,7 +235,7 @@ def local_ref(tmp_path_factory, data_root):
 def settle(cluster, logs, stages, timeout=150):
     """Poll the status command until every (kind, stage) in `stages` is done, failed or cancelled."""
     def ready():
-        rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+        rows = {(r["kind"], r["stage"]): r for r in SS.status(logs)}
         return rows if all(k in rows and rows[k]["status"] in TERMINAL for k in stages) else None
     return cluster.wait_until(ready, timeout=timeout, interval=0.5, what=f"stages {stages} in {logs} to finish")
 
@@ -279,7 +281,7 @@ def test_sharded_attribution_equals_unsharded(slurm_cluster, local_ref, tmp_path
     rows = settle(slurm_cluster, logs, [("post_pixel", "a")])
     assert rows["post_pixel", "a"]["status"] == "done", rows
     same_files(logs / f"{RUN}--post_pixel", tmp_path / "local" / f"{RUN}--post_pixel", ("attrib.safetensors",))
-    rec = L.read_records(logs / f"{RUN}--slurm")["post_pixel", "a"]
+    rec = SS.read_records(logs / f"{RUN}--slurm")["post_pixel", "a"]
     assert len(rec["jobs"]) == 4 and len({j.split("_")[0] for j in rec["jobs"][:3]}) == 1  # one array + merge
     completed = lambda: all(r["State"] == "COMPLETED" for j in rec["jobs"] for r in slurm_cluster.sacct(j))
     slurm_cluster.wait_until(completed, timeout=30, what="the shard and merge jobs to be COMPLETED in accounting")
@@ -299,7 +301,7 @@ def test_logo_array_on_slurm_equals_local_run(slurm_cluster, local_ref, tmp_path
     assert rows["logo", "logo"]["status"] == "done", rows
     a, b = (load_file(str(d / f"{RUN}--logo" / "logo.safetensors")) for d in (logs, tmp_path / "local"))
     assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["group_sizes"], b["group_sizes"])  # not the seconds
-    rec = L.read_records(logs / f"{RUN}--slurm")["logo", "logo"]
+    rec = SS.read_records(logs / f"{RUN}--slurm")["logo", "logo"]
     assert len(rec["jobs"]) == 3 and len({j.split("_")[0] for j in rec["jobs"][:2]}) == 1  # one array + merge
 
 
@@ -317,12 +319,12 @@ def test_failing_stage_stops_its_dependants_and_status_names_the_log(slurm_clust
     log = rows["post_pixel", "a"]["log"]
     assert "num_removal 100000 is not smaller than the training set" in Path(log).read_text()
     for stage in ("tpost", "gpost"):
-        (job,) = L.read_records(logs / f"{RUN}--slurm")["post_pixel", stage]["jobs"]
+        (job,) = SS.read_records(logs / f"{RUN}--slurm")["post_pixel", stage]["jobs"]
         (row,) = slurm_cluster.sacct(job, "JobID,State,NodeList")
         assert row["State"].startswith("CANCELLED") and row["NodeList"] == "None assigned", row  # never ran
     assert not (logs / f"{RUN}--post_pixel" / "model-best.safetensors").exists()
     capsys.readouterr()
-    assert L.status_main(["--logs", str(logs), RUN]) == 0
+    assert cli.status_main(["--logs", str(logs), RUN]) == 0
     out = capsys.readouterr().out
     assert f"failed    job {Path(log).name.split('_0_log')[0]} (FAILED): read {log}" in out
     assert "tpost cancelled" in out and "gpost cancelled" in out
@@ -348,28 +350,28 @@ def test_interrupted_training_resumes_with_identical_weights(slurm_cluster, tmp_
     logs = tmp_path / "logs"
     args = ["--what=tpre"] + CLUSTER + over(logs, data_root, *long)
     assert run_pipeline(args) == 0
-    (job,) = L.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
+    (job,) = SS.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
     state = logs / f"{RUN}--pre" / "train-state.pt"
     step = lambda: torch.load(state, weights_only=True)["step"] if state.exists() else 0
     wait = slurm_cluster.wait_until
     wait(lambda: step() > 0, timeout=60, interval=0.1, what="a first training state")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what Slurm sends before a time limit
-    wait(lambda: L.slurm_states([job]).get(job) == "PENDING" and not _steps(job), timeout=30,
+    wait(lambda: SS.slurm_states([job]).get(job) == "PENDING" and not _steps(job), timeout=30,
          what="the requeued job, its first run gone")
     at_requeue = step()
     _scontrol("update", f"JobId={job}", "StartTime=now")  # skip Slurm's 2-minute hold of requeued jobs
     wait(lambda: step() > at_requeue, timeout=60, interval=0.1, what="the requeued job to train on")
     subprocess.run(["scancel", job], check=True)
-    wait(lambda: L.slurm_states([job]).get(job) == "CANCELLED", timeout=60, what="the cancelled job")
+    wait(lambda: SS.slurm_states([job]).get(job) == "CANCELLED", timeout=60, what="the cancelled job")
     at_cancel = step()
     assert 0 < at_cancel < 600 and not (state.parent / "tpre.manifest.json").exists(), "finished before the cancel"
-    rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+    rows = {(r["kind"], r["stage"]): r for r in SS.status(logs)}
     assert rows["pre", "tpre"]["status"] == "failed" and "CANCELLED" in rows["pre", "tpre"]["job"]
 
     assert run_pipeline(args) == 0  # the same command again
     rows = settle(slurm_cluster, logs, [("pre", "tpre")])
     assert rows["pre", "tpre"]["status"] == "done", rows
-    (again,) = L.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
+    (again,) = SS.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
     assert again != job
     assert f"resuming from {state}" in (logs / f"{RUN}--slurm" / f"{again}_0_log.out").read_text()
     same_files(logs / f"{RUN}--pre", tmp_path / "ref" / f"{RUN}--pre", WEIGHTS)

@@ -72,8 +72,7 @@ class Method:
 
 
 def get_method(name):
-    import mucs.attrib  # noqa: F401  (imports every method module)
-
+    # importing this module ran mucs/attrib/__init__.py first, which imports (so registers) every method
     if name not in REGISTRY:
         raise UserError(f"unknown attribution method {name!r}; choose from {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]

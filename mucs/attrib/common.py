@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from mucs.attrib.base import Method
-from mucs.diffusion import ladder_at
+from mucs.diffusion import fixed_noise_generator, ladder_at
 from mucs.errors import UserError
 from mucs.io import file_hash, load_tensors, save_tensors
 
@@ -48,7 +48,7 @@ def ladder_noise(ctx, M, t_range, seed, shape):
     highest level) and M unit noises: one fixed set, the same for every training item and target."""
     u = torch.linspace(float(t_range[0]), float(t_range[1]), int(M), dtype=torch.float64)
     sigmas = ladder_at(u, ctx.cfg.sample, ctx.D).float()
-    E = torch.randn((int(M),) + tuple(shape), generator=torch.Generator().manual_seed(int(seed) * 7919 + 23))
+    E = torch.randn((int(M),) + tuple(shape), generator=fixed_noise_generator(seed, stream=23))
     return sigmas.to(ctx.device), E.to(ctx.device)
 
 

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from mucs.attrib.base import Method, register
 from mucs.config import sample_settings
-from mucs.diffusion import ladder_at, per_sample_loss
+from mucs.diffusion import fixed_noise_generator, ladder_at, per_sample_loss
 from mucs.errors import UserError
 from mucs.io import file_hash, load_tensors, save_tensors
 from mucs.model import build_denoiser, labels_of
@@ -146,8 +146,7 @@ class MUCS(Method):
         cfg, M = self.cfg, int(self.cfg.num_noises)
         u = torch.linspace(0, cfg.t_sched_infer, M, dtype=torch.float64)
         sigmas = ladder_at(u, self.ctx.cfg.sample, self.ctx.D).float()
-        g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-        E = torch.randn((M,) + tuple(self.X.shape[1:]), generator=g)
+        E = torch.randn((M,) + tuple(self.X.shape[1:]), generator=fixed_noise_generator(seed, stream=17))
         return sigmas.to(self.ctx.device), E.to(self.ctx.device)
 
     def cached(self, what, compute):

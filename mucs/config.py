@@ -107,8 +107,17 @@ def to_yaml(cfg):
 
 
 def sections(cfg, *keys):
-    """The named config sections as plain data."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    """The named config sections (or dotted keys, e.g. precision.autocast) as plain nested data."""
+    out = {}
+    for k in keys:
+        *parents, last = k.split(".")
+        v, d = cfg, out
+        for p in k.split("."):
+            v = v[p]
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+    return out
 
 
 def section_hash(cfg, *keys):
@@ -121,7 +130,8 @@ def section_hash(cfg, *keys):
 # per-network entry that does not apply to this job's network.
 OTHER_NET = object()
 LATER = {"sample.sampler": "heun", "sample.scheduler": None, "tpost.mode": "retrain",
-         "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET}
+         "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET,
+         "precision.autocast": "none", "precision.tf32": True, "precision.score_tf32": False}
 
 
 def drop_later_defaults(s, net):

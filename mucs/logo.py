@@ -25,7 +25,8 @@ from mucs.generate import SAMPLES, load_samples
 from mucs.groups import collapse, load_groups, without
 from mucs.io import atomic_path, load_tensor_metadata, load_tensors, read_json, save_tensors, write_json, write_text
 from mucs.manifest import check_finished
-from mucs.stages import Job, Stage, add, attrib_context, data_files, targets_of
+from mucs.precision import scoring
+from mucs.stages import MADE, SCORED, TRAINED, Job, Stage, add, attrib_context, data_files, targets_of
 from mucs.train import STATE, train
 
 LOGO = "logo.safetensors"
@@ -90,7 +91,8 @@ def score_logo(job, groups):
                         f"(--what=logo --shard i/n) or --what=logo without --shard first")
     x, labels = targets_of(job)
     t0 = time.time()
-    G = group_delbo(attrib_context(job), lambda k: job.denoiser(group_dir(folder, k)), K, x, labels)
+    with scoring(job.cfg):
+        G = group_delbo(attrib_context(job), lambda k: job.denoiser(group_dir(folder, k)), K, x, labels)
     seconds = [read_json(group_dir(folder, k) / RECORD)["seconds"] for k in range(K)]
     save_tensors(folder / LOGO, dict(scores=G, train_seconds=torch.tensor(seconds, dtype=torch.float64),
                                      group_sizes=groups.sizes()),
@@ -237,8 +239,9 @@ def sweep(job):
     if job.cfg.groups.source != "label" or "cond" not in s or not torch.isin(s["labels"], classes).all():
         raise UserError("the label proxy needs class-conditional samples of a job whose groups are its classes "
                         "(groups.source=label)")
-    m = GUDA(job.cfg.attrib, attrib_context(job))
-    G = m.group_scores(s["images"], s["cond"])
+    with scoring(job.cfg):
+        m = GUDA(job.cfg.attrib, attrib_context(job))
+        G = m.group_scores(s["images"], s["cond"])
     return G, torch.searchsorted(classes, s["labels"]), unlearn_seconds(m.paths), int(s["num_attrib"])
 
 
@@ -276,6 +279,6 @@ def sweep_variants(variants, fn_out=None):
 
 
 add(Stage("logo", run_logo, (LOGO,), logo_inputs,
-          ("data", "model", "train", "seed", "subsample", "groups", "sample", "num_attrib", "control_factor", "targets",
-           "use_last_ckpt"), kind="logo", sharded=True, data_parallel=True, clear=clear_logo,
+          TRAINED + ("groups", "sample", "num_attrib", "control_factor", "targets", "use_last_ckpt") + MADE + SCORED,
+          kind="logo", sharded=True, data_parallel=True, clear=clear_logo,
           units=lambda j: (len(load_groups(j.cfg.groups, j.train_split, j.meta)), "one per group")))

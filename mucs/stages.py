@@ -26,6 +26,7 @@ from mucs.errors import UserError
 from mucs.generate import SAMPLES, generate_post, generate_pre, load_samples, load_user_targets
 from mucs.io import write_text
 from mucs.model import build_denoiser, import_pretrained, load_denoiser
+from mucs.precision import scoring
 from mucs.train import STATE, train
 
 
@@ -186,7 +187,8 @@ def run_a(job, shard=(0, 1)):
     write_text(job.post / "config.yaml", C.to_yaml(job.cfg))
     if shard[0] != -1:  # -1/n only merges the shards' parts
         x, labels = targets_of(job)
-        attribute(attribution_method(job), x, labels, job.post, shard)
+        with scoring(job.cfg):
+            attribute(attribution_method(job), x, labels, job.post, shard)
     if shard[1] == 1 or shard[0] == -1:
         x, _ = targets_of(job)
         missing = merge(job.post, len(x), job.train_split.ids, C.num_removal(job.cfg))
@@ -250,20 +252,22 @@ def clear_parts(stage):
 
 
 TRAINED = ("data", "model", "train", "seed", "subsample")  # what a trained model depends on
+MADE = ("precision.autocast", "precision.tf32")  # the precision of training and sampling
+SCORED = ("precision.autocast", "precision.score_tf32")  # the precision of scores (mucs.precision)
 for _s in [
     Stage("tpre", run_tpre, ("model-best.safetensors", "model-last.safetensors"), tpre_inputs,
-          TRAINED, kind="pre", data_parallel=True, clear=lambda j, shard: (j.pre / STATE).unlink(missing_ok=True)),
+          TRAINED + MADE, kind="pre", data_parallel=True, clear=lambda j, shard: (j.pre / STATE).unlink(missing_ok=True)),
     Stage("gpre", run_gpre, (SAMPLES,), lambda j: [(j.weights(j.pre), "tpre")] + data_files(j, ("test",)),
-          ("sample", "num_attrib", "control_factor", "use_last_ckpt"), kind="pre", clear=clear_parts("gpre"),
+          ("sample", "num_attrib", "control_factor", "use_last_ckpt") + MADE, kind="pre", clear=clear_parts("gpre"),
           finish=clear_parts("gpre")),
     Stage("a", run_a, (ATTRIB,),
           lambda j: [(j.weights(j.pre), "tpre")] + ([] if j.cfg.targets else [(j.pre / SAMPLES, "gpre")])
           + data_files(j, ("train",)),
-          ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt"), sharded=True, clear=clear_a,
+          ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt") + SCORED, sharded=True, clear=clear_a,
           units=a_units),
     Stage("tpost", run_tpost, ("model-best.safetensors", "model-last.safetensors"), tpost_inputs,
-          TRAINED + ("tpost",), data_parallel=True, clear=lambda j, shard: (j.post / STATE).unlink(missing_ok=True)),
+          TRAINED + ("tpost",) + MADE, data_parallel=True, clear=lambda j, shard: (j.post / STATE).unlink(missing_ok=True)),
     Stage("gpost", run_gpost, (SAMPLES,), lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")],
-          ("sample", "use_last_ckpt"), clear=clear_parts("gpost"), finish=clear_parts("gpost")),
+          ("sample", "use_last_ckpt") + MADE, clear=clear_parts("gpost"), finish=clear_parts("gpost")),
 ]:
     add(_s)

@@ -83,7 +83,7 @@ def test_cached_pre_losses_equal_fresh_computation(trained):
     job, ctx = context(trained)
     m = MUCS(job.cfg.attrib, ctx)
     m.prepare()
-    files = list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))
+    files = list((ctx.shared_dir / "attrib-cache").glob("mucs-L_orig-*.safetensors"))
     assert files
     again = MUCS(job.cfg.attrib, ctx)
     again.prepare()  # loads the cache
@@ -93,7 +93,7 @@ def test_cached_pre_losses_equal_fresh_computation(trained):
     # the cache key follows the noise settings: another t_sched_infer is another file
     job2, ctx2 = context(trained, "attrib.t_sched_infer=0.5")
     MUCS(job2.cfg.attrib, ctx2).prepare()
-    assert len(list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))) == len(files) + 1
+    assert len(list((ctx.shared_dir / "attrib-cache").glob("mucs-L_orig-*.safetensors"))) == len(files) + 1
 
 
 def test_ablation_switches(trained, planted):

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mucs.config import differences
 from mucs.errors import UserError
-from mucs.io import load_tensor_metadata, load_tensors, save_tensors, write_text
+from mucs.io import digest, load_tensor_metadata, load_tensors, save_tensors, write_text
+from mucs.precision import autocast, numerics
 
 REGISTRY = {}
 ATTRIB = "attrib.safetensors"
@@ -49,8 +51,22 @@ class Context:
     def autocast(self):
         """The configured mixed precision (precision.autocast) for a method's training-like updates (e.g.
         unlearning steps). Scores that are small differences of losses are safer in float32."""
-        from mucs.train import autocast
         return autocast(self.device, self.cfg.precision.autocast)
+
+    def numerics(self):
+        """The numerics a method computes under now (mucs.precision.numerics; the pre model's dtype)."""
+        return numerics(self.device, self.cfg.precision.autocast, next(self.D.parameters()).dtype)
+
+    def data_digest(self):
+        """A digest of the training items (ids, images, labels): what per-job caches are computed over."""
+        if "data" not in self.extra:
+            t = self.train
+            self.extra["data"] = digest(t.ids, t.images, t.labels, "none" if t.conds is None else t.conds)
+        return self.extra["data"]
+
+    def uses(self, what, key):
+        """Note that this job's scores build on the per-job cache `what` of this key (see Method.numerics)."""
+        self.extra.setdefault("caches", {})[what] = key
 
 
 class Method:
@@ -62,6 +78,8 @@ class Method:
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
 
+    shares_work = False  # whether prepare() computes per-job caches worth computing once before shards start
+
     def prepare(self):
         """Work shared by all targets (e.g. cached training-set quantities). Called once per process."""
 
@@ -69,6 +87,11 @@ class Method:
         """x: targets [T, C, H, W] in [-1, 1]; labels: their condition vectors [T, d] or None; index: their
         target numbers [T]. Returns scores [T, n_train] aligned with ctx.train, or (scores, [info dict per target])."""
         raise NotImplementedError
+
+    def numerics(self):
+        """What the scores were computed under, after prepare(): the context's numerics and the keys of the per-job
+        caches they build on (so a cache recomputed under other numerics or another noise set changes it too)."""
+        return dict(self.ctx.numerics(), caches=dict(self.ctx.extra.get("caches", {})))
 
 
 def get_method(name):
@@ -91,12 +114,20 @@ def blocks(n_targets, batch_targets, shard=(0, 1)):
 
 
 def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
-    """Score the targets of this shard (see `blocks`) whose block has a target without a part file yet."""
-    todo = [b for b in blocks(len(x), method.batch_targets, shard)
-            if not all(part_path(work_dir, t).exists() for t in b)]
-    if not todo:
+    """Score the targets of this shard (see `blocks`) whose block has a target without a part file, or with a part
+    scored under other numerics (Method.numerics): those are scored again, never merged with the others."""
+    mine = blocks(len(x), method.batch_targets, shard)
+    if not mine:
         return
     method.prepare()
+    now = method.numerics()
+    stale = [t for b in mine for t in b if part_path(work_dir, t).exists() and part_numerics(work_dir, t) != now]
+    if stale:
+        print(f"[a] targets {stale[:10]}{' ...' if len(stale) > 10 else ''} were scored under other numerics "
+              f"({'; '.join(differences(part_numerics(work_dir, stale[0]), now))}); scoring them again")
+    todo = [b for b in mine if any(t in stale or not part_path(work_dir, t).exists() for t in b)]
+    if not todo:
+        return
     bar = tqdm(total=sum(map(len, todo)), desc=f"a[{method.name}]", unit="target", dynamic_ncols=True)
     for block in todo:
         idx = torch.tensor(block)
@@ -109,10 +140,15 @@ def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
         dt = (time.time() - t0) / len(idx)
         for k, t in enumerate(idx.tolist()):
             info = dict(infos[k], target=t, seconds=round(dt, 3))
-            save_tensors(part_path(work_dir, t), dict(scores=scores[k].float().cpu()), metadata=dict(info=info))
+            save_tensors(part_path(work_dir, t), dict(scores=scores[k].float().cpu()),
+                         metadata=dict(info=info, numerics=now))
         bar.update(len(idx))
         bar.set_postfix(s_per_target=f"{dt:.2f}")
     bar.close()
+
+
+def part_numerics(work_dir, t):
+    return load_tensor_metadata(part_path(work_dir, t), what="attribution part").get("numerics")
 
 
 def merge(work_dir, n_targets, train_ids, num_removal):
@@ -121,6 +157,12 @@ def merge(work_dir, n_targets, train_ids, num_removal):
     missing = [t for t in range(n_targets) if not part_path(work_dir, t).exists()]
     if missing:
         return missing
+    made = [part_numerics(work_dir, t) for t in range(n_targets)]
+    other = [t for t in range(n_targets) if made[t] != made[0]]
+    if other:
+        raise UserError(f"the parts of targets {other[:10]} in {work_dir} were scored under other numerics than target "
+                        f"0's ({'; '.join(differences(made[0], made[other[0]]))}); scores of different numerics are "
+                        f"not combined: rerun --what=a --force (its shards on one kind of device)")
     scores = torch.stack([load_tensors(part_path(work_dir, t), what="attribution part")["scores"] for t in range(n_targets)])
     if scores.shape[1] != len(train_ids):
         raise UserError(f"attribution parts in {work_dir} have {scores.shape[1]} scores per target but the training "

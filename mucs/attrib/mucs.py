@@ -10,19 +10,17 @@
 """
 import copy
 import fnmatch
-import hashlib
-import json
 import warnings
-from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
 from mucs.attrib.base import Method, register
-from mucs.config import sample_settings
+from mucs.attrib.common import job_cache
+from mucs.config import sections
 from mucs.diffusion import fixed_noise_generator, ladder_at, per_sample_loss
 from mucs.errors import UserError
-from mucs.io import file_hash, load_tensors, save_tensors
+from mucs.io import digest
 from mucs.model import build_denoiser, labels_of
 from mucs.train import make_augment, step_generator
 
@@ -123,6 +121,8 @@ def trainable_names(D, patterns):
 
 @register("mucs")
 class MUCS(Method):
+    shares_work = True
+
     def prepare(self):
         if hasattr(self, "L_orig"):
             return
@@ -135,8 +135,13 @@ class MUCS(Method):
         self.sigmas, self.E = self.fixed_noise(cfg.noise_seed)
         self.evaluator = LossEvaluator(ctx.D, cfg, dev)
         self.eval_batch = pairs_per_batch(cfg.eval_batch, self.X)
-        self.L_orig = self.cached("L_orig", lambda: self.losses(ctx.D, self.sigmas, self.E))
-        self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(self.cached("L_null", self.estimate_L_null))
+        ev = self.evaluator  # L_orig and every L_unl go through the same evaluation path
+        self.L_orig = job_cache(ctx, "mucs-L_orig", dict(noise=digest(self.sigmas, self.E), eval=dict(
+            amp=str(ev.amp), compile=ev.compiled is not None, channels_last=ev.channels_last)),
+            lambda: self.losses(ctx.D, self.sigmas, self.E))
+        null = dict(model=sections(ctx.cfg, "model"), B=cfg.num_noises, batches=cfg.null_batches, seed=ctx.seed)
+        self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(
+            job_cache(ctx, "mucs-L_null", null, self.estimate_L_null, model=False))
         self.augment = make_augment(ctx.cfg.model, ctx.cfg.train) if cfg.augment else None
 
     # -- the fixed noise set ----------------------------------------------------------------------
@@ -148,24 +153,6 @@ class MUCS(Method):
         sigmas = ladder_at(u, self.ctx.cfg.sample, self.ctx.D).float()
         E = torch.randn((M,) + tuple(self.X.shape[1:]), generator=fixed_noise_generator(seed, stream=17))
         return sigmas.to(self.ctx.device), E.to(self.ctx.device)
-
-    def cached(self, what, compute):
-        """A per-job quantity cached in the pre run folder, keyed by everything it depends on."""
-        ctx, cfg = self.ctx, self.cfg
-        weights = ctx.shared_dir / ("model-last.safetensors" if ctx.cfg.use_last_ckpt else "model-best.safetensors")
-        key = dict(what=what, weights=file_hash(weights), ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16],
-                   sample=sample_settings(ctx.cfg), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
-                   null_batches=cfg.null_batches, job_seed=ctx.seed)
-        switches = {k: cfg.get(k) for k in ("compile", "eval_autocast") if cfg.get(k) not in (None, False, "none")}
-        if what == "L_orig" and switches:  # L_orig and L_unl go through the same evaluation path
-            key["eval"] = switches
-        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = Path(ctx.shared_dir) / "mucs-cache" / f"{what}-{h}.safetensors"
-        if path.exists():
-            return load_tensors(path, what=f"MUCS {what} cache", hint="delete it to recompute")["value"]
-        value = torch.as_tensor(compute())
-        save_tensors(path, dict(value=value))
-        return value
 
     def estimate_L_null(self):
         """Mean training loss of a freshly initialised model of the same config."""

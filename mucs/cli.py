@@ -3,6 +3,7 @@ spelling, the rest Hydra overrides), parsed here and handed to the library; a Us
 import argparse
 import errno
 import sys
+from pathlib import Path
 
 from mucs import config as C
 from mucs.errors import UserError
@@ -189,15 +190,19 @@ def eval_args(argv):
 
 def eval_main(argv):
     from mucs.evaluate import evaluate, find_jobs
+    from mucs.metrics import resolve
+    from mucs.validate import check_device
 
     args, overrides = eval_args(argv)
     base = C.compose(overrides)  # for paths.* (logs, cache, plots)
     logs = args.logs or base.paths.logs
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = parse_list(args.methods, "methods", C.options("attrib"))
     if "random" not in methods:
         raise UserError("--methods must include random: every method is measured against random removal")
     methods = ["random"] + [m for m in methods if m != "random"]
-    return evaluate(base.paths, logs, find_jobs(args.jobs, logs), methods, args.metrics, args.calc_ref, args.pval,
+    metrics = resolve(args.metrics)
+    check_device(args.device, "--device")
+    return evaluate(base.paths, logs, find_jobs(args.jobs, logs), methods, metrics, args.calc_ref, args.pval,
                     args.show_controls, args.fn_out, args.device, not args.no_plots)
 
 
@@ -253,6 +258,8 @@ def status_main(argv):
     p.add_argument("--logs", help="folder of the run folders (default: paths.logs of the config)")
     p.add_argument("pattern", nargs="?", help="only runs whose name matches this glob or contains this text")
     args = p.parse_args(argv)
+    if args.logs and not Path(args.logs).is_dir():
+        raise UserError(f"--logs {args.logs} is not a folder; pass the folder of the run folders (paths.logs)")
     return print_status(args.logs or C.compose([]).paths.logs, args.pattern)
 
 
@@ -276,7 +283,7 @@ def group_eval_main(argv):
     args, rest = p.parse_overrides(argv)
     base = C.compose(rest)
     logs = args.logs or base.paths.logs
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    methods = parse_list(args.methods, "methods", C.options("attrib"))
     return group_eval(base.paths.plots, logs, find_jobs(args.jobs, logs), methods, args.aggregate, args.fn_out)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mucs import validate
 from mucs.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ def compose(overrides=()) -> DictConfig:
         raise UserError(f"bad config override: {msg[:300]}")
     if cfg.get("pretrained"):
         apply_pretrained(cfg)
+    validate.check(cfg, num_removal(cfg), num_gen(cfg), options("attrib"))
     return cfg
 
 
@@ -131,7 +133,8 @@ def section_hash(cfg, *keys):
 OTHER_NET = object()
 LATER = {"sample.sampler": "heun", "sample.scheduler": None, "tpost.mode": "retrain",
          "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET,
-         "precision.autocast": "none", "precision.tf32": True, "precision.score_tf32": False}
+         "precision.autocast": "none", "precision.tf32": True, "precision.score_tf32": False,
+         "attrib.instance_weighting": "none"}
 
 
 def drop_later_defaults(s, net):

@@ -114,11 +114,12 @@ def format_table(summary, pval, controls):
     return t.to_string(index=False)
 
 
-def evaluate(paths, logs, jobs, methods, metrics=None, calc_ref=False, pval=False, show_controls=False, fn_out=None,
+def evaluate(paths, logs, jobs, methods, metrics, calc_ref=False, pval=False, show_controls=False, fn_out=None,
              device="auto", plots=True):
     """eval.py: the runs `jobs` (run names in `logs`) of `methods` (random first) against random removal; tables
-    and plots in <paths.plots>/<fn_out>/, the table printed. `paths`: the config's paths (cache, plots)."""
-    names, skip_missing = M.resolve(metrics)
+    and plots in <paths.plots>/<fn_out>/, the table printed. `paths`: the config's paths (cache, plots); `metrics`:
+    (names, skip the unavailable ones) as metrics.resolve gives them."""
+    names, skip_missing = metrics
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
 
     runs = []

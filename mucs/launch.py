@@ -25,7 +25,7 @@ from mucs.errors import UserError
 from mucs.io import write_json
 from mucs.runner import STAGES, run_stage
 from mucs.slurm_status import kind_of, live_jobs, record_path, slurm_dir, stages_of
-from mucs.stages import Job
+from mucs.stages import Job, check_model, plan_meta
 
 RESOURCES = {  # launcher config key -> submitit parameter
     "partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos", "constraint": "slurm_constraint",
@@ -166,12 +166,8 @@ def submit_stages(cfg, names, overrides, after=None):
     from omegaconf import OmegaConf
 
     lc, run = cfg.launcher, C.run_name(cfg)
-    for key in ("a_shards", "lds_shards"):
-        if int(lc[key]) < 1:
-            raise UserError(f"launcher.{key} must be at least 1, not {lc[key]}")
-    if int(lc.logo_shards) < 0:
-        raise UserError(f"launcher.logo_shards must be 0 (one per group) or more, not {lc.logo_shards}")
     job = Job(OmegaConf.merge(cfg, {"device": "cpu"}))  # only its folders: the login node may have no GPU
+    check_model(job, plan_meta(job))  # a model that does not fit the dataset is refused before any submission
     sdir = slurm_dir(cfg)
     folder = Path(lc.folder) if lc.folder else sdir
     waiting = {**live_jobs(sdir, cfg.attrib.name), **(after or {})}

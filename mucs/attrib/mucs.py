@@ -3,7 +3,11 @@
 1. Unlearn the target x_g from a copy of the pre model: AdamW at lr / lr_factor on a few parameter
    groups, minimising  mean(L_retain) - lambda * mean(min(L_gen, L_null))  over B retain items and B
    copies of x_g, each with its own training noise; stop once mean(min(L_gen, L_null)) reaches
-   (1 - tolerance) L_null.
+   (1 - tolerance) L_null. Instance weighting (attrib.instance_weighting, an ablation; off by default, as
+   published): `inverse_loss` weights each instance of either mean by w_i = (1 / L_i) / mean_k(1 / L_k), the
+   inverse of its own (detached) loss normalised to mean 1 within its half, so each instance contributes the
+   relative change of its loss, grad L_i / L_i = grad log L_i, as the ratio score measures it; without it the
+   instances at high noise levels, whose EDM-weighted losses are largest, dominate the update.
 2. Score every training item j on one fixed set of M noises (levels on the top t_sched_infer part of the
    sampler's ladder), the same for both models:  s_j = mean_m (L_unl - L_orig) / (L_unl + L_orig + eps).
    L_orig is computed once per job and cached.
@@ -111,6 +115,12 @@ class WithWeights:
         return self.D.loss_weight(sigma)
 
 
+def instance_weights(L):
+    """w_i = (1 / L_i) / mean_k(1 / L_k): detached inverse losses with mean 1 (attrib.instance_weighting=inverse_loss)."""
+    inv = 1 / L.detach().float().clamp_min(1e-12)
+    return inv / inv.mean()
+
+
 def trainable_names(D, patterns):
     names = [n for n, _ in D.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
@@ -202,7 +212,8 @@ class MUCS(Method):
             eps = torch.randn(y.shape, generator=g).to(dev)
             with ctx.autocast():  # precision.autocast, as in training; the scores stay float32
                 L = per_sample_loss(D, y, sigma, eps, lab, aug)
-            l_ret, l_gen = L[:B].mean(), L[B:].clamp(max=self.L_null).mean()
+            L_r, L_g = L[:B], L[B:].clamp(max=self.L_null)
+            l_ret, l_gen = L_r.mean(), L_g.mean()
             L_ret, L_gen = l_ret.item(), l_gen.item()
             if not (torch.isfinite(l_ret) and torch.isfinite(l_gen)):
                 raise UserError(f"MUCS unlearning loss became non-finite at step {step} of target {t}; lower the "
@@ -214,6 +225,8 @@ class MUCS(Method):
                 reason = "max_steps" if cfg.max_steps is not None else "safety_steps"
                 break
             opt.zero_grad(set_to_none=True)
+            if cfg.instance_weighting == "inverse_loss":
+                l_ret, l_gen = (instance_weights(L_r) * L_r).mean(), (instance_weights(L_g) * L_g).mean()
             (l_ret - cfg.lam * l_gen).backward()
             opt.step()
             step += 1

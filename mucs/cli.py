@@ -185,6 +185,8 @@ def eval_args(argv):
     p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--allow_unequal", action="store_true", help="evaluate methods that remove another number of ids "
+                   "per target than random, or over other targets (refused otherwise); the table marks them")
     return p.parse_overrides(argv)
 
 
@@ -203,7 +205,7 @@ def eval_main(argv):
     metrics = resolve(args.metrics)
     check_device(args.device, "--device")
     return evaluate(base.paths, logs, find_jobs(args.jobs, logs), methods, metrics, args.calc_ref, args.pval,
-                    args.show_controls, args.fn_out, args.device, not args.no_plots)
+                    args.show_controls, args.fn_out, args.device, not args.no_plots, args.allow_unequal)
 
 
 run_eval = guard(eval_main)

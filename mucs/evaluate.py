@@ -12,7 +12,7 @@ from mucs import stats
 from mucs.attrib.base import load_attrib
 from mucs.errors import UserError
 from mucs.generate import load_samples
-from mucs.io import atomic_path, file_hash
+from mucs.io import atomic_path, file_hash, read_json
 from mucs.manifest import check_finished
 
 
@@ -44,8 +44,40 @@ def load_run(logs, job, methods):
         post = load_samples(d, stage="gpost")
         if not torch.equal(post["seeds"], pre["seeds"]):
             raise UserError(f"pre and post samples of {job} / {m} have different seeds; rerun --what=gpost --force")
-        posts[m] = dict(samples=post, top_ids=load_attrib(d)["top_ids"], dir=d)
+        posts[m] = dict(samples=post, top_ids=load_attrib(d)["top_ids"], dir=d,
+                        targets=read_json(d / "a.manifest.json")["settings"].get("targets"))
     return cfg, pre_dir, pre, posts
+
+
+def target_set(post):
+    """What a method's union of removed ids was computed over: how many targets, and which."""
+    return f"{len(post['top_ids'])} " + (f"targets {post['targets']}" if post["targets"] else "gpre targets")
+
+
+def unequal(job, posts):
+    """{method: why} for each method whose removal is not like random's: another number of ids per target, or a
+    union over another target set (other targets= or another number of them)."""
+    ref, out = posts["random"], {}
+    for m, p in posts.items():
+        k, k_ref = p["top_ids"].shape[1], ref["top_ids"].shape[1]
+        if k != k_ref:
+            out[m] = f"{m} removes {k} ids per target in {job}, random {k_ref}"
+        elif target_set(p) != target_set(ref):
+            out[m] = f"{m}'s union in {job} is over {target_set(p)}, random's over {target_set(ref)}"
+    return out
+
+
+def check_like_with_like(runs, allow):
+    """Refuse (or with `allow`, return to mark) the methods whose removal is not comparable with random's."""
+    notes = {}
+    for r in runs:
+        for m, why in unequal(r["job"], r["posts"]).items():
+            notes.setdefault(m, why)
+    if notes and not allow:
+        m, why = next(iter(notes.items()))
+        raise UserError(f"{why}: the evaluation compares like with like; rerun {m} or random with the same num_removal "
+                        f"(--topk_factor, num_removal) and targets, or pass --allow_unequal (the table marks them)")
+    return notes
 
 
 def similarities(metrics, pre, post, cache, recompute):
@@ -98,8 +130,8 @@ def overlaps(runs, methods):
     return pd.DataFrame(rows)
 
 
-def format_table(summary, pval, controls):
-    t = pd.DataFrame({"method": summary.method, "metric": summary.metric})
+def format_table(summary, pval, controls, unequal=()):
+    t = pd.DataFrame({"method": [f"{m} *" if m in unequal else m for m in summary.method], "metric": summary.metric})
     t["AUC"] = summary.auc_target.map("{:.3f}".format)
     t["Ratio %"] = [f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in
                     zip(summary.ratio_target, summary.ratio_target_lo, summary.ratio_target_hi)]
@@ -115,10 +147,11 @@ def format_table(summary, pval, controls):
 
 
 def evaluate(paths, logs, jobs, methods, metrics, calc_ref=False, pval=False, show_controls=False, fn_out=None,
-             device="auto", plots=True):
+             device="auto", plots=True, allow_unequal=False):
     """eval.py: the runs `jobs` (run names in `logs`) of `methods` (random first) against random removal; tables
     and plots in <paths.plots>/<fn_out>/, the table printed. `paths`: the config's paths (cache, plots); `metrics`:
-    (names, skip the unavailable ones) as metrics.resolve gives them."""
+    (names, skip the unavailable ones) as metrics.resolve gives them. A method that removes another number of ids
+    per target than random, or over another target set, is refused unless `allow_unequal` (then marked)."""
     names, skip_missing = metrics
     device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
 
@@ -126,6 +159,7 @@ def evaluate(paths, logs, jobs, methods, metrics, calc_ref=False, pval=False, sh
     for job in jobs:
         cfg, pre_dir, pre, posts = load_run(logs, job, methods)
         runs.append(dict(job=job, cfg=cfg, pre_dir=pre_dir, pre=pre, posts=posts))
+    notes = check_like_with_like(runs, allow_unequal)
     data = {(r["cfg"].data.name, r["cfg"].data.folder) for r in runs}
     if len(data) > 1:
         raise UserError(f"the jobs use different datasets {sorted(data)}; evaluate them separately")
@@ -154,6 +188,7 @@ def evaluate(paths, logs, jobs, methods, metrics, calc_ref=False, pval=False, sh
             frames.append(s.drop(columns=["key"]))
     sims = pd.concat(frames, ignore_index=True)
     summary = summarize(sims, metrics, methods)
+    summary["unequal"] = summary.method.map(notes).fillna("")
     per_seed = pd.concat([summarize(sims[sims.job == j], metrics, methods).assign(job=j) for j in jobs])
     ov = overlaps(runs, methods)
 
@@ -169,7 +204,9 @@ def evaluate(paths, logs, jobs, methods, metrics, calc_ref=False, pval=False, sh
     shown = summary[summary.method != "random"] if len(methods) > 1 else summary
     print(f"\nCounterfactual evaluation: {len(jobs)} job(s), {summary.n_target.iloc[0]} targets per method pooled "
           f"(AUC > 0.5: the method's removal changed targets more than random removal)")
-    print(format_table(shown, pval, show_controls))
+    print(format_table(shown, pval, show_controls, notes))
+    for why in notes.values():
+        print(f"* not like with like (--allow_unequal): {why}")
     print("\nOverlap of top ids (within a method: across its targets; between methods: same target)")
     print(ov.to_string(index=False, float_format="{:.3f}".format))
     print(f"\n[eval] tables and plots in {out}")

@@ -2,7 +2,8 @@
 only decides where and in which order.
 
   submit(cfg, names, overrides)  one job per stage chained with afterok; `a`, `logo` and `lds` as an array of
-                                 shards + a merge job
+                                 shards + a merge job, after a job that does the work the shards share once
+                                 (a method's per-job caches, e.g. MUCS's L_orig)
   StageJob                       what a job runs: re-composes the config from its overrides and runs one stage;
                                  on a time limit or preemption submitit calls checkpoint(), which requeues a fresh
                                  instance that resumes from the stage's own files
@@ -23,7 +24,7 @@ from mucs import config as C
 from mucs import manifest as M
 from mucs.errors import UserError
 from mucs.io import write_json
-from mucs.runner import STAGES, run_stage
+from mucs.runner import STAGES, prepare_stage, run_stage
 from mucs.slurm_status import kind_of, live_jobs, record_path, slurm_dir, stages_of
 from mucs.stages import Job, check_model, plan_meta
 
@@ -42,9 +43,9 @@ class StageJob(Checkpointable):
     A pure function of its overrides: the config is re-composed here, not pickled. will_run: the stages of
     its submission (as for a local run of the same command)."""
 
-    def __init__(self, overrides, stage, shard=(0, 1), will_run=(), resume=False):
+    def __init__(self, overrides, stage, shard=(0, 1), will_run=(), resume=False, prepare=False):
         self.overrides, self.stage, self.shard = list(overrides), stage, tuple(shard)
-        self.will_run, self.resume, self.manifest = tuple(will_run), resume, None
+        self.will_run, self.resume, self.manifest, self.prepare = tuple(will_run), resume, None, prepare
 
     def __call__(self):
         cfg = C.compose(self.overrides)
@@ -53,7 +54,10 @@ class StageJob(Checkpointable):
         job = Job(cfg)
         self.manifest = M.manifest_path(job, STAGES[self.stage])
         try:
-            run_stage(job, self.stage, will_run=self.will_run, shard=self.shard)
+            if self.prepare:  # the work its shards share, before the array starts
+                prepare_stage(job, self.stage, will_run=self.will_run)
+            else:
+                run_stage(job, self.stage, will_run=self.will_run, shard=self.shard)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise
@@ -63,7 +67,7 @@ class StageJob(Checkpointable):
         stage's manifest before redoing it; once it is gone, the requeued job resumes instead of starting over."""
         resume = self.resume or (self.manifest is not None and not self.manifest.exists())
         print(f"[slurm] {self.stage}: time limit or preemption; requeued, it resumes from its files", flush=True)
-        return DelayedSubmission(StageJob(self.overrides, self.stage, self.shard, self.will_run, resume))
+        return DelayedSubmission(StageJob(self.overrides, self.stage, self.shard, self.will_run, resume, self.prepare))
 
 
 def job_overrides(cfg, overrides):
@@ -182,12 +186,18 @@ def submit_stages(cfg, names, overrides, after=None):
             continue
         after_ids = [i for d in deps for i in (out[d] if d in out else [d])]
         name, shards = f"{n}:{run}", num_shards(job, n) if STAGES[n].sharded else 1
-        if shards > 1:  # map over shards, then reduce once all of them succeeded
+        if shards > 1:  # the work the shards share once, map over shards, then reduce once all of them succeeded
+            prep = []
+            if STAGES[n].prepare and STAGES[n].shares_work(job):
+                prep = sbatch(lc, folder, n, [StageJob(ov, n, (0, shards), names, prepare=True)], after_ids,
+                              f"prepare:{run}")
             calls = [StageJob(ov, n, (i, shards), names) for i in range(shards)]
-            ids = sbatch(lc, folder, n, calls, after_ids, name)
+            ids = sbatch(lc, folder, n, calls, prep or after_ids, name)
             array = ids[0].split("_")[0]
             wait = sbatch(lc, folder, "merge", [StageJob(ov, n, (-1, shards), names)], [array], f"merge:{run}")
-            ids, shown = ids + wait, f"jobs {array}_[0-{shards - 1}] ({shards} shards) + merge {wait[0]}"
+            shown = (f"prepare {prep[0]} + " if prep else "") + f"jobs {array}_[0-{shards - 1}] ({shards} shards) + " \
+                f"merge {wait[0]}"
+            ids = prep + ids + wait
         else:
             ids = wait = sbatch(lc, folder, n, [StageJob(ov, n, will_run=names)], after_ids, name)
             shown = f"job {ids[0]}"

@@ -40,15 +40,34 @@ def stage_lock(job, stage, shard=(0, 1)):
     return FolderLock(stage.folder(job), job.cfg.get("lock_wait", 0) or 0, what=f"stage {stage.name}", name=name)
 
 
-def run_stage(job, name, will_run=(), shard=(0, 1)):
-    s = STAGES[name]
+def check_ready(job, s, will_run):
+    """The run folders were made with the current settings, and every input is there (or will be) and current."""
     M.check_saved_config(job, job.pre, "tpre", will_run)
     if s.folder(job) != job.pre:
-        M.check_saved_config(job, s.folder(job), "a" if s.folder(job) == job.post else name, will_run)
+        M.check_saved_config(job, s.folder(job), "a" if s.folder(job) == job.post else s.name, will_run)
     M.check_inputs(job, s, will_run)
+
+
+def run_stage(job, name, will_run=(), shard=(0, 1)):
+    s = STAGES[name]
+    check_ready(job, s, will_run)
     with stage_lock(job, s, shard):
         job.world.barrier()  # the others look at the folder once rank 0 holds it
         run_locked(job, s, shard)
+
+
+def prepare_stage(job, name, will_run=()):
+    """The work the shards of a sharded stage share (Stage.prepare), done once before they start (a Slurm job of its
+    own ahead of the array); nothing when the stage is done."""
+    s = STAGES[name]
+    check_ready(job, s, will_run)
+    if M.is_done(job, s) and not job.cfg.force or not job.world.main:
+        return
+    t0 = time.time()
+    with FolderLock(s.folder(job), job.cfg.get("lock_wait", 0) or 0, what=f"the shared work of {name}",
+                    name=f"{LOCK}-{name}-prepare"):
+        s.prepare(job)
+    print(f"[{name}] shared work done in {time.time() - t0:.1f} s; its shards read it")
 
 
 def run_locked(job, s, shard=(0, 1)):

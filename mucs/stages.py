@@ -194,6 +194,13 @@ def run_a(job, shard=(0, 1)):
             raise UserError(f"attribution of targets {missing[:10]} is missing in {job.post}; run their shards first")
 
 
+def prepare_a(job):
+    """What the shards of `a` share: the method's per-job caches (MUCS's L_orig, D-TRAK's features, GUDA's models,
+    ...), computed once; each shard then reads them."""
+    with scoring(job.cfg):
+        attribution_method(job).prepare()
+
+
 def clear_a(job, shard=(0, 1)):
     """A shard i/n forgets only its own blocks' parts (its siblings run at the same time); -1/n none."""
     parts = job.post / "attrib-parts"
@@ -260,7 +267,7 @@ for _s in [
           lambda j: [(j.weights(j.pre), "tpre")] + ([] if j.cfg.targets else [(j.pre / SAMPLES, "gpre")])
           + data_files(j, ("train",)),
           ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt") + SCORED, sharded=True, clear=clear_a,
-          units=a_units),
+          units=a_units, prepare=prepare_a, shares_work=lambda j: get_method(j.cfg.attrib.name).shares_work),
     Stage("tpost", run_tpost, ("model-best.safetensors", "model-last.safetensors"), tpost_inputs,
           TRAINED + ("tpost",) + MADE, data_parallel=True, clear=lambda j, shard: (j.post / STATE).unlink(missing_ok=True)),
     Stage("gpost", run_gpost, (SAMPLES,), lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")],

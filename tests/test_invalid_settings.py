@@ -104,6 +104,7 @@ CASES = [
     P("slurm_a_shards_zero", ["launcher.a_shards=0"], "launcher.a_shards=0", ">= 1", tool="slurm"),
     P("slurm_logo_shards_negative", ["--what=logo", "launcher.logo_shards=-1"], "launcher.logo_shards=-1", ">= 0",
       tool="slurm"),
+    P("slurm_num_removal_above_training_set", ["num_removal=100000"], "num_removal 100000", "[1, 1499]", tool="slurm"),
     P("slurm_timeout_zero", ["launcher.timeout_min=0"], "launcher.timeout_min=0", ">= 1", tool="slurm"),
     P("slurm_stage_cpus_zero", ["launcher.stages.a.cpus_per_task=0"], "launcher.stages.a.cpus_per_task=0", ">= 1",
       tool="slurm"),

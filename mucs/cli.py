@@ -52,6 +52,22 @@ class Parser(argparse.ArgumentParser):
         return args, rest
 
 
+def parse_list(text, what, choices=None):
+    """The items of a comma-separated --<what> (seeds also as ranges a-b), each one of `choices` if given."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if what == "seeds":
+        try:
+            spans = [t.partition("-") for t in items]
+            items = [v for a, _, b in spans for v in range(int(a), int(b or a) + 1)]
+        except ValueError:
+            raise UserError(f"--seeds {text!r} must be integers, e.g. 1,2,3 or 1-3")
+    bad = [t for t in items if choices is not None and t not in choices]
+    if bad or not items:
+        raise UserError(f"--{what} {text!r}: unknown {', '.join(map(str, bad)) or 'empty list'}"
+                        + (f"; choose from {', '.join(choices)}" if choices else ""))
+    return list(dict.fromkeys(items))
+
+
 def pipeline_args(argv):
     p = Parser(prog="pipeline.py", description="Run stages of the counterfactual attribution pipeline. "
                "Extra key=value arguments are Hydra overrides (e.g. train.steps=500).")
@@ -213,21 +229,6 @@ run_eval = guard(eval_main)
 
 # ---------------------------------------------------------------------------------------------
 # scripts/launch_grid.py and scripts/status.py (Slurm)
-
-
-def parse_list(text, what, choices=None):
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if what == "seeds":
-        try:
-            spans = [t.partition("-") for t in items]
-            items = [v for a, _, b in spans for v in range(int(a), int(b or a) + 1)]
-        except ValueError:
-            raise UserError(f"--seeds {text!r} must be integers, e.g. 1,2,3 or 1-3")
-    bad = [t for t in items if choices is not None and t not in choices]
-    if bad or not items:
-        raise UserError(f"--{what} {text!r}: unknown {', '.join(map(str, bad)) or 'empty list'}"
-                        + (f"; choose from {', '.join(choices)}" if choices else ""))
-    return list(dict.fromkeys(items))
 
 
 def grid_main(argv):

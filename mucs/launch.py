@@ -262,7 +262,8 @@ def submit_grid(jobs, methods, seeds, names, overrides, dry_run=False):
     pre_jobs = {}
     for u in units:
         print(f"[slurm] {C.run_name(cfgs[u])} {','.join(u.stages)} (method {u.method})")
-        ids = submit_stages(cfgs[u], list(u.stages), over(u), after=pre_jobs.get((u.job, u.seed)) if u.after_pre else None)
+        after = pre_jobs.get((u.job, u.seed)) if u.after_pre else None
+        ids = submit_stages(cfgs[u], list(u.stages), over(u), after=after)
         if not u.after_pre:
             pre_jobs[u.job, u.seed] = ids
     print(f"[slurm] follow with: python scripts/status.py --logs {cfgs[units[0]].paths.logs}")

@@ -166,7 +166,7 @@ def run(job, shard=(0, 1)):
 
     x, y = queries(job)
     masks = subsets(job)
-    noise = noise_set(job, build_denoiser(job.cfg.model, job.meta).to(job.device), x.shape[1:])  # its ladder only
+    noise = noise_set(job, build_denoiser(job.cfg.model, job.meta), x.shape[1:])  # the model only for its ladder
     key = digest(x, "none" if y is None else y, *noise)
     if shard[0] != -1:
         mine = units(job.cfg)[shard[0]::shard[1]]

@@ -49,6 +49,10 @@ def logo_inputs(job):
             + data_files(job) + table)
 
 
+def group_units(K):
+    return K, f"there are {K} groups"
+
+
 def shard_groups(K, shard):
     return [] if shard[0] == -1 else list(range(shard[0], K, shard[1]))
 
@@ -281,4 +285,4 @@ def sweep_variants(variants, fn_out=None):
 add(Stage("logo", run_logo, (LOGO,), logo_inputs,
           TRAINED + ("groups", "sample", "num_attrib", "control_factor", "targets", "use_last_ckpt") + MADE + SCORED,
           kind="logo", sharded=True, data_parallel=True, clear=clear_logo,
-          units=lambda j: (len(load_groups(j.cfg.groups, j.train_split, j.meta)), "one per group")))
+          units=lambda j: group_units(len(load_groups(j.cfg.groups, j.train_split, j.meta)))))

@@ -178,10 +178,6 @@ def attribution_method(job):
 
 
 def run_a(job, shard=(0, 1)):
-    k = C.num_removal(job.cfg)
-    if k >= len(job.train_split):
-        raise UserError(f"num_removal {k} is not smaller than the training set ({len(job.train_split)} items); "
-                        f"lower --topk_factor or num_removal")
     write_text(job.post / "config.yaml", C.to_yaml(job.cfg))
     if shard[0] != -1:  # -1/n only merges the shards' parts
         x, labels = targets_of(job)
@@ -254,12 +250,17 @@ def clear_parts(stage):
     return lambda job, shard=(0, 1): shutil.rmtree(parts_dir(job, stage), ignore_errors=True)
 
 
+def clear_state(stage):
+    """--force of a training stage: forget its training state."""
+    return lambda job, shard=(0, 1): (STAGES[stage].folder(job) / STATE).unlink(missing_ok=True)
+
+
 TRAINED = ("data", "model", "train", "seed", "subsample")  # what a trained model depends on
 MADE = ("precision.autocast", "precision.tf32")  # the precision of training and sampling
 SCORED = ("precision.autocast", "precision.score_tf32")  # the precision of scores (mucs.precision)
 for _s in [
     Stage("tpre", run_tpre, ("model-best.safetensors", "model-last.safetensors"), tpre_inputs,
-          TRAINED + MADE, kind="pre", data_parallel=True, clear=lambda j, shard: (j.pre / STATE).unlink(missing_ok=True)),
+          TRAINED + MADE, kind="pre", data_parallel=True, clear=clear_state("tpre")),
     Stage("gpre", run_gpre, (SAMPLES,), lambda j: [(j.weights(j.pre), "tpre")] + data_files(j, ("test",)),
           ("sample", "num_attrib", "control_factor", "use_last_ckpt") + MADE, kind="pre", clear=clear_parts("gpre"),
           finish=clear_parts("gpre")),
@@ -269,7 +270,7 @@ for _s in [
           ("attrib", "topk_factor", "num_removal", "targets", "use_last_ckpt") + SCORED, sharded=True, clear=clear_a,
           units=a_units, prepare=prepare_a, shares_work=lambda j: get_method(j.cfg.attrib.name).shares_work),
     Stage("tpost", run_tpost, ("model-best.safetensors", "model-last.safetensors"), tpost_inputs,
-          TRAINED + ("tpost",) + MADE, data_parallel=True, clear=lambda j, shard: (j.post / STATE).unlink(missing_ok=True)),
+          TRAINED + ("tpost",) + MADE, data_parallel=True, clear=clear_state("tpost")),
     Stage("gpost", run_gpost, (SAMPLES,), lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")],
           ("sample", "use_last_ckpt") + MADE, clear=clear_parts("gpost"), finish=clear_parts("gpost")),
 ]:

@@ -342,7 +342,7 @@ def test_eval_compares_like_with_like(base, data_root, tmp_path, capsys):
     over = args_for(data_root, logs)
     assert run_pipeline(["--what=a,tpost,gpost", "--attrib=pixel", "num_removal=7"] + over) == 0
     assert run_pipeline(["--what=a,tpost,gpost", "--attrib=random2", f"targets={targets}"] + over) == 0
-    ev = [f"--jobs={RUN}", f"--logs={logs}", "--no_plots", "--metrics=mse"] + [a for a in over if a.startswith("paths.")]
+    ev = [f"--jobs={RUN}", f"--logs={logs}", "--no_plots", "--metrics=mse"] + [a for a in over if "paths." in a]
     for methods, words in (("random,pixel", "pixel removes 7 ids per target in digits_dit_edm_s1_k2.0_na3_sb0, "
                                             "random 10"),
                            ("random,random2", f"random2's union in {RUN} is over 3 targets {targets}, random's over "

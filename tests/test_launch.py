@@ -337,9 +337,9 @@ def test_mucs_array_computes_shared_work_once_and_equals_local_run(slurm_cluster
     assert len(array) == 3 and len({j.split("_")[0] for j in array}) == 1 and prep not in array
     logs_out = {p.name: p.read_text() for p in (logs / f"{RUN}--slurm").glob("*_log.out")}
     assert len(logs_out) == 5, sorted(logs_out)  # prepare, 3 shards, merge
-    computed = [name for name, text in logs_out.items() for line in text.splitlines() if "computing mucs-L_orig" in line]
+    computed = [name for name, text in logs_out.items() if "computing mucs-L_orig" in text]
     assert computed == [f"{prep}_0_log.out"], computed
-    assert all(f"[a] shared work done" not in text for name, text in logs_out.items() if name != computed[0])
+    assert all("[a] shared work done" not in text for name, text in logs_out.items() if name != computed[0])
 
 
 @pytest.mark.slurm

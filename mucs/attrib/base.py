@@ -75,10 +75,10 @@ class Method:
     name = "?"
     batch_targets = 1  # targets per score() call
 
+    shares_work = False  # whether prepare() computes per-job caches worth computing once before shards start
+
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
-
-    shares_work = False  # whether prepare() computes per-job caches worth computing once before shards start
 
     def prepare(self):
         """Work shared by all targets (e.g. cached training-set quantities). Called once per process."""

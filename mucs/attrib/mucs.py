@@ -116,7 +116,7 @@ class WithWeights:
 
 
 def instance_weights(L):
-    """w_i = (1 / L_i) / mean_k(1 / L_k): detached inverse losses with mean 1 (attrib.instance_weighting=inverse_loss)."""
+    """w_i = (1 / L_i) / mean_k(1 / L_k): detached inverse losses of mean 1 (instance_weighting=inverse_loss)."""
     inv = 1 / L.detach().float().clamp_min(1e-12)
     return inv / inv.mean()
 

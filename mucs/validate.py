@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mucs.errors import UserError
+from mucs.nets import NAMES as NETS
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ RULES = {
     "precision.autocast": one_of("mixed precision", "none", "bf16", "fp16"),
     "precision.tf32": switch("a switch"), "precision.score_tf32": switch("a switch"),
     "tpost.mode": one_of("how tpost trains (retrain from scratch is the protocol's)", "retrain", "finetune"),
-    "model.net": one_of("the network", "dit", "unet", "diffusers_unet", "diffusers_dit"),
+    "model.net": one_of("the network", *NETS),
     "model.precond.kind": one_of("the preconditioning", "edm", "vp", "ddpm"),
     "train.steps": count("training updates"), "train.batch": count("the training batch"),
     "train.lr": positive("the learning rate"), "train.weight_decay": nonneg("the weight decay"),

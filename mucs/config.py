@@ -50,7 +50,7 @@ def compose(overrides=()) -> DictConfig:
         raise UserError(f"bad config override: {msg[:300]}")
     if cfg.get("pretrained"):
         apply_pretrained(cfg)
-    validate.check(cfg, num_removal(cfg), num_gen(cfg), options("attrib"))
+    validate.check(cfg, num_removal(cfg), num_gen(cfg))
     return cfg
 
 

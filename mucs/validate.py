@@ -194,9 +194,9 @@ def check_rules(cfg, rules, prefix=""):
             refuse(prefix + key, list(v) if rule.pair else v, rule)
 
 
-def check(cfg, num_removal, num_gen, methods):
+def check(cfg, num_removal, num_gen):
     """Refuse the first setting of `cfg` outside its allowed values (one UserError naming key, value, range and fix).
-    num_removal, num_gen: the derived sizes (config.num_removal, config.num_gen); methods: the known methods."""
+    num_removal, num_gen: the derived sizes (config.num_removal, config.num_gen)."""
     check_rules(cfg, RULES)
     check_rules(cfg, ATTRIB.get(cfg.attrib.name, {}), "attrib.")
     if cfg.launcher.name == "slurm":
@@ -211,7 +211,7 @@ def check(cfg, num_removal, num_gen, methods):
         raise UserError(f"group table {cfg.groups.table} does not exist; groups.source=table needs groups.table=<path "
                         f"of a CSV with columns id,group>")
     if cfg.attrib.name == "ensemble":
-        check_ensemble(cfg.attrib, set(methods) - {"ensemble"})
+        check_ensemble(cfg.attrib)
     check_sizes(cfg, num_removal, num_gen)
 
 
@@ -221,10 +221,11 @@ def check_device(device, key="device"):
                         f"(--device) to one of them")
 
 
-def check_ensemble(a, known):
+def check_ensemble(a):
+    """Its methods are named (whether their saved scores exist is the attribution's first check)."""
     methods = list(a.methods or [])
-    if not methods or not set(methods) <= known:
-        raise UserError(f"attrib.methods={methods} must list other methods ({', '.join(sorted(known))}), e.g. "
+    if not methods or "ensemble" in methods:
+        raise UserError(f"attrib.methods={methods} must list other methods whose scores to combine, e.g. "
                         f"attrib.methods=[pixel,kernel]")
     if a.weights is not None and (len(a.weights) != len(methods) or not all(nonneg("").allows(w) for w in a.weights)):
         raise UserError(f"attrib.weights={list(a.weights)} must be one number >= 0 per method of attrib.methods "

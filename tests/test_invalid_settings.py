@@ -96,7 +96,8 @@ CASES = [
       "redirect, ascent"),
     P("guda_epochs_zero", ["--attrib=guda", "attrib.epochs=0"], "attrib.epochs=0", ">= 1"),
     P("kernel_unknown_kernel", ["--attrib=kernel", "attrib.kernel=cosine"], "attrib.kernel='cosine'", "gaussian"),
-    P("ensemble_unknown_method", ["--attrib=ensemble", "attrib.methods=[nope]"], "attrib.methods=['nope']", "mucs"),
+    P("ensemble_of_itself", ["--attrib=ensemble", "attrib.methods=[ensemble]"], "attrib.methods=['ensemble']",
+      "other methods"),
     P("ensemble_weights_mismatch", ["--attrib=ensemble", "attrib.weights=[1.0]"], "attrib.weights=[1.0]",
       "one number >= 0 per method"),
     # Slurm: refused before anything is submitted

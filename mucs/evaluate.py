@@ -188,7 +188,7 @@ def evaluate(paths, logs, jobs, methods, metrics, calc_ref=False, pval=False, sh
             frames.append(s.drop(columns=["key"]))
     sims = pd.concat(frames, ignore_index=True)
     summary = summarize(sims, metrics, methods)
-    summary["unequal"] = summary.method.map(notes).fillna("")
+    summary["unequal"] = [notes.get(m, "") for m in summary.method]
     per_seed = pd.concat([summarize(sims[sims.job == j], metrics, methods).assign(job=j) for j in jobs])
     ov = overlaps(runs, methods)
 

@@ -7,7 +7,7 @@
 
 `attribute` runs the registered method through `mucs.attrib.base.attribute` (the runner of `pipeline.py
 --what=a`), so on the same model, training split and targets its scores equal the CLI's bit for bit.
-`counterfactual` runs the five stages through `mucs.stages.run_stage`, `evaluate` and `report` the evaluation
+`counterfactual` runs the five stages through `mucs.runner.run_stage`, `evaluate` and `report` the evaluation
 and the HTML report of `eval.py` and `report.py`. Bad input raises `mucs.UserError` with the CLI's one-line messages.
 """
 import shutil
@@ -210,14 +210,15 @@ def run(job: str, what: str = "tpre,gpre,a,tpost,gpost", *, seed: int = 1, metho
     """pipeline.py as a function: the stages `what` of preset `job` for one seed and method, through the same stage
     code (finished stages are skipped, a killed one resumes). overrides: Hydra overrides as on the command line
     (e.g. "train.steps=500"). Returns the run's pre folder (`<paths.logs>/<run>--pre`)."""
+    from mucs import runner as R
     from mucs import stages as S
 
-    names = S.parse_what(what)
+    names = R.parse_what(what)
     cfg = C.compose([f"job={job}", f"seed={int(seed)}", f"attrib={method}", f"device={device}", *overrides])
     j = S.Job(cfg)
     S.check_model(j)
     for stage in names:
-        S.run_stage(j, stage, will_run=names)
+        R.run_stage(j, stage, will_run=names)
     return j.pre
 
 

@@ -134,6 +134,17 @@ class SeedGenerators:
         return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(device)
 
 
+FIXED_NOISE = 2 ** 31  # the seed range of fixed noise sets: [2^31, 2^32), above every sample seed (a test id)
+
+
+def fixed_noise_generator(seed, stream):
+    """The generator of a method's fixed noise set. A sample's initial latent comes from its test id as the seed,
+    and torch's CPU generator keeps a seed's low 32 bits only: these seeds keep their low 32 bits in
+    [2^31, 2^32), which no test id reaches, so no fixed noise equals a sample's latent. `stream` keeps the sets of
+    different methods apart."""
+    return torch.Generator().manual_seed(FIXED_NOISE + (int(seed) * 7919 + int(stream)) % FIXED_NOISE)
+
+
 def guided(D, guidance):
     """Classifier-free guidance: D_w = D(x|0) + w (D(x|y) - D(x|0)); the zero label is 'no condition'."""
     if guidance == 1.0:
@@ -173,18 +184,6 @@ def heun_sampler(D, latents, sigmas, labels=None, guidance=1.0, S_churn=0.0, S_m
             x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d2)
         x = x_next
     return x.float()
-
-
-def build_precond(net, cfg):
-    """A preconditioner from the model config's `precond` block."""
-    kw = dict(cfg)
-    kind = kw.pop("kind")
-    if kind == "ddpm":  # a diffusers scheduler's discrete-time parametrisation
-        from mucs.diffusers_adapter import DDPMPrecond
-        return DDPMPrecond(net, **kw)
-    if kind not in PRECONDS:
-        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS) + ['ddpm']}")
-    return PRECONDS[kind](net, **kw)
 
 
 def describe_ladder(sigmas):

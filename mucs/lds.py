@@ -14,7 +14,6 @@ scores where a high tau(x, j) means "training on j makes x likely": a method tha
 x best scores LDS near 1, random scores near 0. `--shard i/n` trains and measures units k = i, i+n, ... of
 the M*S (subset, seed) units; `-1/n` only merges them (as for the attribution stage `a`).
 """
-import hashlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,10 @@ import torch
 
 from mucs import config as C
 from mucs.errors import UserError
-from mucs.io import atomic_path, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
+from mucs.generate import SAMPLES
+from mucs.io import atomic_path, digest, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
+from mucs.precision import numerics, scoring
+from mucs.stages import MADE, SCORED, TRAINED, Stage, add, data_files, targets_of
 
 OUTPUTS = "lds-outputs.safetensors"  # the stage's output: measured f [M, S, Q], subsets [M, n], train_ids
 UNIT_OUTPUT = "lds-output.safetensors"  # one unit's f [Q], cached next to its model
@@ -32,7 +34,7 @@ TABLE, PER_QUERY = "lds.csv", "lds_per_query.csv"
 
 
 def folder(job):
-    return Path(job.cfg.paths.logs) / f"{C.run_name(job.cfg)}--lds"
+    return C.run_dir(job.cfg, "lds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +102,6 @@ def subsets(job):
 
 def queries(job):
     """The images the methods attributed (gpre's targets) and their conditions."""
-    from mucs.stages import targets_of
-
     if job.cfg.targets:
         raise UserError("lds measures gpre's targets (the methods' scores are for them); drop targets=...")
     return targets_of(job)
@@ -117,55 +117,62 @@ def subset_cfg(cfg, j):
     return c
 
 
-def digest(*parts):
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.contiguous().numpy().tobytes() if torch.is_tensor(p) else str(p).encode())
-    return h.hexdigest()[:16]
-
-
-def measure(job, D, x, y):
-    """f(x) = - mean_k L(x; sigma_k, eps_k) over the fixed noise set of lds (levels on its t_range of the ladder)."""
+def noise_set(job, D, shape):
+    """lds's fixed set of (sigma, noise) pairs: levels on its t_range of the sampler's ladder (D's)."""
     from mucs.attrib.common import ladder_noise
+
+    lc = job.cfg.lds
+    return ladder_noise(SimpleNamespace(cfg=job.cfg, D=D, device=job.device), lc.num_noises, lc.t_range,
+                        lc.noise_seed, shape)
+
+
+def measure(job, D, x, y, noise=None):
+    """f(x) = - mean_k L(x; sigma_k, eps_k) over the fixed noise set of lds, with the precision of scores."""
     from mucs.attrib.mucs import item_noise_losses
 
-    lc, dev = job.cfg.lds, job.device
-    sigmas, E = ladder_noise(SimpleNamespace(cfg=job.cfg, D=D, device=dev), lc.num_noises, lc.t_range,
-                             lc.noise_seed, x.shape[1:])
-    L = item_noise_losses(D, x.to(dev), None if y is None else y.to(dev), sigmas, E, int(lc.eval_batch))
+    sigmas, E = noise or noise_set(job, D, x.shape[1:])
+    dev = job.device
+    with scoring(job.cfg):
+        L = item_noise_losses(D, x.to(dev), None if y is None else y.to(dev), sigmas, E, int(job.cfg.lds.eval_batch))
     return -L.double().mean(1)
 
 
-def run_unit(job, i, j, masks, x, y, key):
-    """Train unit (i, j) (resuming), measure the queries under it; cached in its folder against `key` and its
-    weights."""
+def run_unit(job, i, j, masks, x, y, key, noise):
+    """Train unit (i, j) (resuming), measure the queries under it; cached in its folder against `key`, its weights
+    and the numerics of the measurement (a unit measured under other numerics is measured again)."""
     from mucs.model import load_denoiser
     from mucs.train import STATE, train
 
     d = unit_dir(job, i, j)
     path = d / UNIT_OUTPUT
-    if path.exists() and job.weights(d).exists():
-        meta = load_tensor_metadata(path)
-        if meta.get("key") == key and meta.get("weights") == file_hash(job.weights(d)):
-            return
-    sub = job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
-    train(subset_cfg(job.cfg, j), sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
+    with scoring(job.cfg):
+        now = numerics(job.device)
+    meta = load_tensor_metadata(path) if path.exists() and job.weights(d).exists() else {}
+    trained = bool(meta) and meta.get("weights") == file_hash(job.weights(d))
+    if trained and (meta.get("key"), meta.get("numerics")) == (key, now):
+        return
+    if not trained:
+        sub = job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
+        train(subset_cfg(job.cfg, j), sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
     D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
-    save_tensors(path, dict(f=measure(job, D, x, y).float()), metadata=dict(key=key, weights=file_hash(job.weights(d))))
+    save_tensors(path, dict(f=measure(job, D, x, y, noise).float()),
+                 metadata=dict(key=key, weights=file_hash(job.weights(d)), numerics=now))
     (d / STATE).unlink(missing_ok=True)  # done: its 4x-weights resume state would fill a disk at 64 x 3 models
 
 
 def run(job, shard=(0, 1)):
     """The lds stage: this shard's units, then (unsplit, or -1/n) the merged outputs and the table."""
+    from mucs.model import build_denoiser
+
     x, y = queries(job)
     masks = subsets(job)
-    lc = job.cfg.lds
-    key = digest(x, "none" if y is None else y, lc.num_noises, list(lc.t_range), lc.noise_seed, C.sample_settings(job.cfg))
+    noise = noise_set(job, build_denoiser(job.cfg.model, job.meta), x.shape[1:])  # the model only for its ladder
+    key = digest(x, "none" if y is None else y, *noise)
     if shard[0] != -1:
         mine = units(job.cfg)[shard[0]::shard[1]]
         for n, (i, j) in enumerate(mine):
             print(f"[lds] unit m{i}_s{j} ({n + 1} of {len(mine)} in this shard)")
-            run_unit(job, i, j, masks, x, y, key)
+            run_unit(job, i, j, masks, x, y, key, noise)
     if shard[1] == 1 or shard[0] == -1:
         merge(job, masks, key, len(x))
         show(job)
@@ -174,17 +181,25 @@ def run(job, shard=(0, 1)):
 def merge(job, masks, key, Q):
     M, S = int(job.cfg.lds.num_subsets), int(job.cfg.lds.num_seeds)
     f = torch.empty(M, S, Q)
-    missing = []
+    missing, made = [], {}
     for i, j in units(job.cfg):
         path = unit_dir(job, i, j) / UNIT_OUTPUT
         t = load_tensors(path, what="LDS unit output") if path.exists() else None
-        if t is None or load_tensor_metadata(path).get("key") != key:
+        meta = load_tensor_metadata(path) if t is not None else {}
+        if meta.get("key") != key:
             missing.append(f"m{i}_s{j}")
             continue
         f[i, j] = t["f"]
+        made[f"m{i}_s{j}"] = meta.get("numerics")
     if missing:
         raise UserError(f"LDS units {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} are not measured "
                         f"yet in {folder(job)}; run their shards first (--what=lds --shard i/n)")
+    first = next(iter(made.values()))
+    other = [u for u, m in made.items() if m != first]
+    if other:
+        raise UserError(f"LDS units {', '.join(other[:8])} in {folder(job)} were measured under other numerics "
+                        f"({'; '.join(C.differences(first, made[other[0]]))}); measurements of different numerics "
+                        f"are not combined: rerun their shards on one kind of device")
     save_tensors(folder(job) / OUTPUTS, dict(f=f, subsets=masks.to(torch.uint8), train_ids=job.train_split.ids),
                  metadata=dict(key=key))
 
@@ -205,7 +220,6 @@ def method_scores(job, Q):
     """{method: scores [Q, n]} of every post folder of this run whose finished attribution ranks this training
     split for the current gpre targets; the others are named with the reason they are left out."""
     from mucs.attrib.base import ATTRIB, load_attrib
-    from mucs.generate import SAMPLES
 
     samples, out = job.pre / SAMPLES, {}
     for d in sorted(Path(job.cfg.paths.logs).glob(f"{C.run_name(job.cfg)}--post_*")):
@@ -257,3 +271,8 @@ def show(job):
     print(summary.to_string(index=False, float_format="{:.3f}".format))
     print(f"[lds] {folder(job) / TABLE}")
     return summary
+
+
+add(Stage("lds", run, (OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
+          TRAINED + ("lds", "use_last_ckpt") + MADE + SCORED, kind="lds", sharded=True, clear=clear,
+          units=lambda j: (len(units(j.cfg)), f"LDS trains {len(units(j.cfg))} models")))

@@ -15,8 +15,6 @@ The machine may be shared: every ratio is measured within this run with what is 
 repeated (the fraction of peak pairs each evaluation round with a peak measurement right before it), and
 medians are reported. Writes bench.json and bench.md to pointer_to/plots/bench/ (or --out).
 """
-import argparse
-import json
 import os
 import resource
 import shutil
@@ -35,7 +33,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses
-from mucs.cli import guard
+from mucs.cli import Parser, guard
 from mucs.config import REPO, compose, num_removal, pre_dir
 from mucs.data import write_dataset
 from mucs.diffusion import per_sample_loss
@@ -43,6 +41,7 @@ from mucs.errors import UserError
 from mucs.io import write_json, write_text
 from mucs.model import build_denoiser
 from mucs.stages import ORDER, Job, attrib_context, targets_of
+from mucs.validate import check_device
 
 PIPELINE = REPO / "pipeline.py"
 
@@ -396,7 +395,7 @@ def table(res):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short training, a subsampled digits job, tiny CIFAR run")
     p.add_argument("--parts", default="peak,digits,cifar", help="comma-separated: peak, digits, cifar")
     p.add_argument("--targets", type=int, help="targets compared against the straightforward loop (default 2; quick 1)")
@@ -414,6 +413,11 @@ def main(argv):
     p.add_argument("--keep", type=Path, help="run folder to keep (default: a temporary one, removed)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the digits job")
     args = p.parse_args(argv)
+    for key in ("targets", "rounds", "threads", "cifar_width"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"--{key}={getattr(args, key)} is not allowed: it must be an integer >= 1")
+    check_device(args.device, "--device")
+    compose(digits_overrides(args, Path("/nonexistent"), args.quick))  # the job's settings, checked before any work
     if args.threads:  # this process, and the stages through the environment they inherit
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)

@@ -9,11 +9,10 @@ from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTTransforme
 from safetensors.torch import load_file
 
 from mucs import config as C
-from mucs.cli import run_pipeline
+from mucs.cli import run_eval, run_pipeline
 from mucs.diffusers_adapter import DDPMPrecond, DiffusersNet, make_scheduler, scheduler_sampler
 from mucs.diffusion import SeedGenerators, heun_sampler, per_sample_loss
 from mucs.errors import UserError
-from mucs.evaluation import run_eval
 from mucs.model import build_denoiser
 
 DIGITS = dict(resolution=8, channels=1, cond="class", num_classes=10, cond_dim=0)

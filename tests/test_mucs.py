@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mucs.attrib.mucs import MUCS, item_noise_losses
+from mucs.attrib.mucs import MUCS, instance_weights, item_noise_losses
 from mucs.cli import run_pipeline
 from mucs.config import compose
 from mucs.data import load_split
@@ -83,7 +83,7 @@ def test_cached_pre_losses_equal_fresh_computation(trained):
     job, ctx = context(trained)
     m = MUCS(job.cfg.attrib, ctx)
     m.prepare()
-    files = list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))
+    files = list((ctx.shared_dir / "attrib-cache").glob("mucs-L_orig-*.safetensors"))
     assert files
     again = MUCS(job.cfg.attrib, ctx)
     again.prepare()  # loads the cache
@@ -93,7 +93,7 @@ def test_cached_pre_losses_equal_fresh_computation(trained):
     # the cache key follows the noise settings: another t_sched_infer is another file
     job2, ctx2 = context(trained, "attrib.t_sched_infer=0.5")
     MUCS(job2.cfg.attrib, ctx2).prepare()
-    assert len(list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))) == len(files) + 1
+    assert len(list((ctx.shared_dir / "attrib-cache").glob("mucs-L_orig-*.safetensors"))) == len(files) + 1
 
 
 def test_ablation_switches(trained, planted):
@@ -129,6 +129,34 @@ def test_ablation_switches(trained, planted):
         steps[(lam, tol)] = mm.unlearn(x, y, 0)[1]
     assert steps[(0.2, 0.5)]["steps"] < steps[(0.2, 0.05)]["steps"]
     assert steps[(0.0, 0.05)]["L_gen"] < steps[(0.2, 0.05)]["L_gen"]
+
+
+def test_instance_weighting_switch(trained, planted):
+    """inverse_loss weights each instance by 1 / its loss (mean 1 per half): its gradient is that of the mean
+    log-loss times a constant, it moves the weights differently from the published unweighted objective, and
+    its default (none) is left out of the recorded settings."""
+    L = torch.tensor([0.5, 1.0, 2.0, 4.0], requires_grad=True)
+    w = instance_weights(L)
+    wl = (w * L).detach()  # every instance weighs in with the same product: its relative change counts
+    assert torch.allclose(w.mean(), torch.tensor(1.0)) and torch.allclose(wl, wl[0].expand(4))
+    (w * L).mean().backward()
+    assert not w.requires_grad and torch.allclose(L.grad, w / 4)  # = grad of mean(log L) / mean(1 / L)
+    x, y = target_copy(planted)
+    models = {}
+    for how in ("none", "inverse_loss"):
+        job, ctx = context(trained, "attrib.max_steps=3", f"attrib.instance_weighting={how}")
+        m = MUCS(job.cfg.attrib, ctx)
+        m.prepare()
+        models[how], info = m.unlearn(x, y, 0)
+        assert info["steps"] == 3
+    moved = {n: (p - dict(ctx.D.named_parameters())[n]).abs().max() for n, p in models["none"].named_parameters()}
+    differ = {n: (p - dict(models["none"].named_parameters())[n]).abs().max()
+              for n, p in models["inverse_loss"].named_parameters()}
+    assert max(moved.values()) > 0 and max(differ.values()) > 1e-3 * max(moved.values())
+    from mucs.manifest import settings_of
+    assert "instance_weighting" not in settings_of(compose(trained), ["attrib"])["attrib"]
+    assert settings_of(compose(trained + ["attrib.instance_weighting=inverse_loss"]), ["attrib"])["attrib"][
+        "instance_weighting"] == "inverse_loss"
 
 
 def test_attribution_stage_logs_every_target(trained, planted, tmp_path):

@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from mucs.cli import run_pipeline
-from mucs.evaluation import run_eval
+from mucs.cli import run_eval, run_pipeline
 from mucs.reporting import run_report
 
 RUN = "digits_dit_edm_s1_k2.0_na3_sb0"

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mucs.config import differences
 from mucs.errors import UserError
-from mucs.io import load_tensor_metadata, load_tensors, save_tensors, write_text
+from mucs.io import digest, load_tensor_metadata, load_tensors, save_tensors, write_text
+from mucs.precision import autocast, numerics
 
 REGISTRY = {}
 ATTRIB = "attrib.safetensors"
@@ -53,8 +55,22 @@ class Context:
     def autocast(self):
         """The configured mixed precision (precision.autocast) for a method's training-like updates (e.g.
         unlearning steps). Scores that are small differences of losses are safer in float32."""
-        from mucs.train import autocast
         return autocast(self.device, self.cfg.precision.autocast)
+
+    def numerics(self):
+        """The numerics a method computes under now (mucs.precision.numerics; the pre model's dtype)."""
+        return numerics(self.device, self.cfg.precision.autocast, next(self.D.parameters()).dtype)
+
+    def data_digest(self):
+        """A digest of the training items (ids, images, labels): what per-job caches are computed over."""
+        if "data" not in self.extra:
+            t = self.train
+            self.extra["data"] = digest(t.ids, t.images, t.labels, "none" if t.conds is None else t.conds)
+        return self.extra["data"]
+
+    def uses(self, what, key):
+        """Note that this job's scores build on the per-job cache `what` of this key (see Method.numerics)."""
+        self.extra.setdefault("caches", {})[what] = key
 
 
 class Method:
@@ -65,6 +81,8 @@ class Method:
 
     name = "?"
     batch_targets = 1  # targets per score() call
+
+    shares_work = False  # whether prepare() computes per-job caches worth computing once before shards start
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
@@ -79,12 +97,14 @@ class Method:
         beside the scores and merged into attrib.safetensors as [T, n_train]."""
         raise NotImplementedError
 
+    def numerics(self):
+        """What the scores were computed under, after prepare(): the context's numerics and the keys of the per-job
+        caches they build on (so a cache recomputed under other numerics or another noise set changes it too)."""
+        return dict(self.ctx.numerics(), caches=dict(self.ctx.extra.get("caches", {})))
+
 
 def get_method(name):
-    """The registered Method subclass called `name`, after importing every method module of mucs/attrib; a
-    UserError naming the registered methods if there is none."""
-    import mucs.attrib  # noqa: F401  (imports every method module)
-
+    # importing this module ran mucs/attrib/__init__.py first, which imports (so registers) every method
     if name not in REGISTRY:
         raise UserError(f"unknown attribution method {name!r}; choose from {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
@@ -108,13 +128,21 @@ def blocks(n_targets, batch_targets, shard=(0, 1)):
 def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
     """The runner of `--what=a`: score targets x [T, C, H, W] in [-1, 1] (condition vectors `labels` [T, d] or
     None) with `method`, block by block (see `blocks`), writing one part file per target into `work_dir`. Blocks
-    whose targets all have a part are skipped, so a killed run resumes; `shard=(i, n)` scores shard i's blocks
-    only. Returns None; non-finite scores raise a UserError."""
-    todo = [b for b in blocks(len(x), method.batch_targets, shard)
-            if not all(part_path(work_dir, t).exists() for t in b)]
-    if not todo:
+    whose targets all have a part made under the method's numerics (Method.numerics) are skipped, so a killed run
+    resumes; a part scored under other numerics is scored again, never merged with the others. `shard=(i, n)`
+    scores shard i's blocks only. Returns None; non-finite scores raise a UserError."""
+    mine = blocks(len(x), method.batch_targets, shard)
+    if not mine:
         return
     method.prepare()
+    now = method.numerics()
+    stale = [t for b in mine for t in b if part_path(work_dir, t).exists() and part_numerics(work_dir, t) != now]
+    if stale:
+        print(f"[a] targets {stale[:10]}{' ...' if len(stale) > 10 else ''} were scored under other numerics "
+              f"({'; '.join(differences(part_numerics(work_dir, stale[0]), now))}); scoring them again")
+    todo = [b for b in mine if any(t in stale or not part_path(work_dir, t).exists() for t in b)]
+    if not todo:
+        return
     bar = tqdm(total=sum(map(len, todo)), desc=f"a[{method.name}]", unit="target", dynamic_ncols=True)
     for block in todo:
         idx = torch.tensor(block)
@@ -128,10 +156,15 @@ def attribute(method: Method, x, labels, work_dir, shard=(0, 1)):
         for k, t in enumerate(idx.tolist()):
             info = dict(infos[k], target=t, seconds=round(dt, 3))
             extra = {n: v.cpu() for n, v in info.pop("tensors", {}).items()}
-            save_tensors(part_path(work_dir, t), dict(extra, scores=scores[k].float().cpu()), metadata=dict(info=info))
+            save_tensors(part_path(work_dir, t), dict(extra, scores=scores[k].float().cpu()),
+                         metadata=dict(info=info, numerics=now))
         bar.update(len(idx))
         bar.set_postfix(s_per_target=f"{dt:.2f}")
     bar.close()
+
+
+def part_numerics(work_dir, t):
+    return load_tensor_metadata(part_path(work_dir, t), what="attribution part").get("numerics")
 
 
 def merge(work_dir, n_targets, train_ids, num_removal):
@@ -140,6 +173,12 @@ def merge(work_dir, n_targets, train_ids, num_removal):
     missing = [t for t in range(n_targets) if not part_path(work_dir, t).exists()]
     if missing:
         return missing
+    made = [part_numerics(work_dir, t) for t in range(n_targets)]
+    other = [t for t in range(n_targets) if made[t] != made[0]]
+    if other:
+        raise UserError(f"the parts of targets {other[:10]} in {work_dir} were scored under other numerics than target "
+                        f"0's ({'; '.join(differences(made[0], made[other[0]]))}); scores of different numerics are "
+                        f"not combined: rerun --what=a --force (its shards on one kind of device)")
     parts = [load_tensors(part_path(work_dir, t), what="attribution part") for t in range(n_targets)]
     scores = torch.stack([p["scores"] for p in parts])
     extra = {n: torch.stack([p[n] for p in parts]) for n in parts[0] if n != "scores" and all(n in p for p in parts)}

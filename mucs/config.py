@@ -7,16 +7,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mucs import validate
 from mucs.errors import UserError
+from mucs.validate import CONFIGS, options  # noqa: F401  (options: the choices of a config group)
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "configs"
+REPO = CONFIGS.parent
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO))
-
-
-def options(group):
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
 def compose(overrides=()) -> DictConfig:

@@ -26,6 +26,7 @@ from mucs.errors import UserError
 from mucs.generate import SAMPLES
 from mucs.io import atomic_path, digest, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
 from mucs.precision import numerics, scoring
+from mucs.stats import bootstrap
 from mucs.stages import MADE, SCORED, TRAINED, Stage, add, data_files, targets_of
 
 OUTPUTS = "lds-outputs.safetensors"  # the stage's output: measured f [M, S, Q], subsets [M, n], train_ids
@@ -71,17 +72,6 @@ def lds_per_query(tau, masks, f):
     """LDS of each query: tau [Q, n] scores, masks [M, n] subsets, f [M, Q] measured outputs -> [Q]."""
     g = torch.as_tensor(tau).double() @ torch.as_tensor(masks).double().T  # g(x; S_i) = sum_{j in S_i} tau(x, j)
     return spearman_rows(g.numpy(), torch.as_tensor(f).double().T.numpy())
-
-
-def bootstrap(values, B=1000, seed=0, level=0.95):
-    """(mean, lo, hi): the mean of the finite values and a percentile interval from B resamples of them."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return np.nan, np.nan, np.nan
-    means = v[np.random.default_rng(seed).integers(0, len(v), (int(B), len(v)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(v.mean()), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import ListConfig
+
 from mucs.errors import UserError
 from mucs.nets import NAMES as NETS
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def options(group):
+    """The choices of a config group: the names of its files in configs/<group>/."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
 @dataclass(frozen=True)
@@ -29,10 +38,14 @@ class Rule:
     null: bool = False
     also: tuple = ()  # values allowed besides the range (e.g. "auto")
     pair: bool = False  # a part [lo, hi] of a range, lo <= hi, each allowed
+    many: bool = False  # a list (or null, with `null`) whose every value is allowed
 
     def allows(self, v):
         if self.pair:
             return len(v) == 2 and v[0] <= v[1] and all(self.single(t) for t in v)
+        if self.many:
+            return v is None and self.null or isinstance(v, (list, tuple, ListConfig)) and all(
+                self.single(t) for t in v)
         return self.single(v)
 
     def single(self, v):
@@ -51,6 +64,10 @@ class Rule:
     def range(self):
         if self.pair:
             return f"[lo, hi] with lo <= hi, each {Rule(self.words, self.lo, self.hi).range()}"
+        if self.many:
+            each = Rule(self.words, self.lo, self.hi, self.lo_open, self.hi_open, self.integer).range()
+            return f"a list of {each.replace('an integer', 'integers').replace('a number', 'numbers')}" + (
+                " or null" if self.null else "")
         if self.path:
             return "an existing file or folder"
         if self.choices:
@@ -125,6 +142,17 @@ RULES = {
     "lds.steps": count("training updates", null=True), "lds.num_noises": count("noises"),
     "lds.t_range": ladder_part("a part of the ladder"), "lds.noise_seed": SEED, "lds.eval_batch": count("a batch"),
     "lds.bootstrap": count("bootstrap resamples"),
+    "known.copies.num_items": count("training items given back", lo=0), "known.copies.item_seed": SEED,
+    "known.copies.ids": count("training ids", lo=0, null=True, many=True),
+    "known.copies.noise": positive("noise levels", many=True),
+    "known.copies.shift": count("shifts in pixels", many=True),
+    "known.copies.jpeg": count("JPEG qualities", hi=100, many=True),
+    "known.custom.num_exemplars": count("exemplars", lo=0), "known.custom.exemplar_seed": SEED,
+    "known.custom.images": Rule("the user's exemplars", path=True, null=True),
+    "known.custom.label": count("a class", lo=0), "known.custom.steps": count("fine-tune updates"),
+    "known.custom.share": Rule("the exemplar's share of the fine-tune set", lo=0, hi=1, lo_open=True, hi_open=True),
+    "known.custom.num_samples": count("samples per exemplar"), "known.custom.sample_seed": SEED,
+    "known.bootstrap": count("bootstrap resamples"),
 }
 T_RANGE = {"t_range": ladder_part("a part of the ladder")}
 ATTRIB = {  # per method, the keys of attrib.*
@@ -215,6 +243,8 @@ def check(cfg, num_removal, num_gen):
                         f"of a CSV with columns id,group>")
     if cfg.attrib.name == "ensemble":
         check_ensemble(cfg.attrib)
+    if "known" in cfg:
+        check_known(cfg.known)
     check_sizes(cfg, num_removal, num_gen)
 
 
@@ -235,6 +265,17 @@ def check_ensemble(a):
                         f"({len(methods)}), or null for equal weights")
 
 
+def check_known(k):
+    """Its methods are registered ones (or all), and it has something to measure."""
+    methods = k.methods
+    if methods != "all" and not (isinstance(methods, ListConfig) and methods and set(methods) <= set(options("attrib"))):
+        raise UserError(f"known.methods={methods!r} is not allowed: it must be all or a list of methods from "
+                        f"{', '.join(options('attrib'))}; set known.methods to such a value")
+    if k.copies.num_items == 0 and not k.copies.ids and k.custom.num_exemplars == 0 and not k.custom.images:
+        raise UserError("known.copies.num_items=0 and known.custom.num_exemplars=0 leave the known-answer benchmark "
+                        "nothing to measure; set one of them above 0")
+
+
 def check_sizes(cfg, num_removal, num_gen):
     """The sizes that depend on the dataset: against its split files, or data.expect.sizes before it is built."""
     from mucs.data import split_sizes
@@ -251,6 +292,13 @@ def check_sizes(cfg, num_removal, num_gen):
             raise UserError(f"num_removal {num_removal} is not smaller than the training set ({n} items): the ids "
                             f"removed per target must be in [1, {n - 1}]; lower --topk_factor (num_removal = "
                             f"{cfg.data.num_removal_base} x topk_factor) or set num_removal")
+    known = cfg.get("known")
+    if known and n_train is not None and known.copies.num_items > (cfg.subsample or n_train):
+        raise UserError(f"known.copies.num_items={known.copies.num_items} is not allowed: the training items given "
+                        f"back must be at most the {cfg.subsample or n_train} training items; lower it")
+    if known and n_test is not None and not known.custom.images and known.custom.num_exemplars > n_test:
+        raise UserError(f"known.custom.num_exemplars={known.custom.num_exemplars} is not allowed: the exemplars are "
+                        f"held-out items, at most the {n_test} of the test split; lower it")
     if n_test is not None and num_gen > n_test:
         raise UserError(f"num_attrib={cfg.num_attrib} with control_factor={cfg.control_factor} asks for {num_gen} "
                         f"samples but the test split has {n_test} items (one seed each); lower --num_attrib or "

@@ -72,7 +72,8 @@ def pipeline_args(argv):
     p = Parser(prog="pipeline.py", description="Run stages of the counterfactual attribution pipeline. "
                "Extra key=value arguments are Hydra overrides (e.g. train.steps=500).")
     p.add_argument("--what", default="tpre,gpre,a,tpost,gpost",
-                   help="comma-separated stages: tpre,gpre,a,tpost,gpost, and lds (the LDS benchmark)")
+                   help="comma-separated stages: tpre,gpre,a,tpost,gpost, and lds (the LDS benchmark), logo, known "
+                   "(the known-answer benchmark)")
     p.add_argument("--job", help="job preset in configs/job (dataset + model + recipe)")
     p.add_argument("--seed", "--data_seed", dest="seed", type=int, help="training seed of the job")
     p.add_argument("--attrib", help="attribution method in configs/attrib")
@@ -192,7 +193,10 @@ run_pipeline = guard(pipeline_main)
 def eval_args(argv):
     p = Parser(prog="eval.py", description="Counterfactual evaluation: AUC and Ratio against random removal.")
     p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
-    p.add_argument("--methods", default="random,pixel", help="comma-separated methods; must include random")
+    p.add_argument("--methods", default=None, help="comma-separated methods; must include random (default random,pixel; "
+                   "with --known every method of the runs)")
+    p.add_argument("--known", action="store_true", help="the known-answer table of the runs' --what=known instead: "
+                   "recall@1, @10, @1%% and MRR per method and case")
     p.add_argument("--metrics", default=None, help="comma list, 'published' or 'all_available' (default: the no-download set)")
     p.add_argument("--calc_ref", action="store_true", help="recompute the per-sample similarities even if cached")
     p.add_argument("--pval", action="store_true", help="show p-values in the printed table")
@@ -214,7 +218,14 @@ def eval_main(argv):
     args, overrides = eval_args(argv)
     base = C.compose(overrides)  # for paths.* (logs, cache, plots)
     logs = args.logs or base.paths.logs
-    methods = parse_list(args.methods, "methods", C.options("attrib"))
+    if args.known:
+        from mucs.known import known_eval
+        methods = args.methods and parse_list(args.methods, "methods", C.options("attrib"))
+        jobs = find_jobs(args.jobs, logs)
+        out = Path(base.paths.plots) / (args.fn_out or f"known_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+        known_eval(jobs, logs, out, methods, not args.no_plots, int(base.known.bootstrap))
+        return 0
+    methods = parse_list(args.methods or "random,pixel", "methods", C.options("attrib"))
     if "random" not in methods:
         raise UserError("--methods must include random: every method is measured against random removal")
     methods = ["random"] + [m for m in methods if m != "random"]
@@ -290,7 +301,14 @@ def group_eval_main(argv):
     args, rest = p.parse_overrides(argv)
     base = C.compose(rest)
     logs = args.logs or base.paths.logs
-    methods = parse_list(args.methods, "methods", C.options("attrib"))
+    if args.known:
+        from mucs.known import known_eval
+        methods = args.methods and parse_list(args.methods, "methods", C.options("attrib"))
+        jobs = find_jobs(args.jobs, logs)
+        out = Path(base.paths.plots) / (args.fn_out or f"known_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+        known_eval(jobs, logs, out, methods, not args.no_plots, int(base.known.bootstrap))
+        return 0
+    methods = parse_list(args.methods or "random,pixel", "methods", C.options("attrib"))
     return group_eval(base.paths.plots, logs, find_jobs(args.jobs, logs), methods, args.aggregate, args.fn_out)
 
 

@@ -1,4 +1,5 @@
-"""Plots of eval: similarity densities per method (random shaded) and pre/post image grids."""
+"""Plots of eval: similarity densities per method (random shaded), pre/post image grids, and the known-answer
+rank curves."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -51,3 +52,22 @@ def grids(runs, methods, out, controls):
             ax.set_xticks([])
             ax.set_title(f"{r['job']}: {part}", fontsize=9)
             savefig(fig, out / f"grid_{part}_{r['job']}.png")
+
+
+def rank_curves(per_target, path):
+    """One panel per known-answer case (exact copies, each corruption level, customization): per method the share of
+    targets whose answer ranks within the top k, against k (log scale): recall@k for every k at once."""
+    cases = list(dict.fromkeys(zip(per_target.kind, per_target.level)))
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.0 * len(cases), 2.8), squeeze=False, sharey=True)
+    for ax, (kind, level) in zip(axes[0], cases):
+        c = per_target[(per_target.kind == kind) & (per_target.level == level)]
+        for m, g in c.groupby("method", sort=False):
+            k = np.sort(g["rank"].values + 1)
+            ax.step(np.r_[1, k], np.r_[0, np.arange(1, len(k) + 1) / len(k)], where="post", lw=1.4, label=m)
+        ax.set_xscale("log")
+        ax.set_xlim(1, int(c.candidates.max()))
+        ax.set_title(kind if kind in ("exact", "custom") else f"{kind} {level:g}", fontsize=9)
+        ax.set_xlabel("k (answer within the top k)")
+    axes[0][0].set_ylabel("share of targets (recall@k)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    savefig(fig, path)

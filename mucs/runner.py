@@ -3,7 +3,7 @@ folder's lock, skipped when done, its progress recorded and its manifest written
 import contextlib
 import time
 
-from mucs import lds, logo  # noqa: F401  (each adds its stage to the registry)
+from mucs import known, lds, logo  # noqa: F401  (each adds its stage to the registry)
 from mucs import manifest as M
 from mucs.errors import UserError
 from mucs.lock import LOCK, FolderLock

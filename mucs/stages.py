@@ -8,7 +8,7 @@ where it runs. The five stages of the counterfactual pipeline live here:
   tpost  retrain from scratch without the union of top ids       -> <run>--post_<m>/model-*.safetensors
   gpost  regenerate every sample with the same seeds             -> <run>--post_<m>/samples.safetensors
 
-Other modules add theirs with `add` (mucs.lds, mucs.logo: stages with a run folder of their own).
+Other modules add theirs with `add` (mucs.lds, mucs.logo, mucs.known: stages with a run folder of their own).
 """
 import shutil
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ import torch
 
 from mucs import config as C
 from mucs import distributed
-from mucs.attrib.base import ATTRIB, Context, attribute, get_method, load_attrib, merge
+from mucs.attrib.base import ATTRIB, PARTS, Context, attribute, get_method, load_attrib, merge
 from mucs.data import ensure_dataset, load_split, remove_ids, subsample
 from mucs.errors import UserError
 from mucs.generate import SAMPLES, generate_post, generate_pre, load_samples, load_user_targets
@@ -197,16 +197,21 @@ def prepare_a(job):
         attribution_method(job).prepare()
 
 
-def clear_a(job, shard=(0, 1)):
-    """A shard i/n forgets only its own blocks' parts (its siblings run at the same time); -1/n none."""
-    parts = job.post / "attrib-parts"
+def forget_parts(work_dir, method, shard=(0, 1)):
+    """--force of an attribution: a shard i/n forgets only its own blocks' parts (its siblings run at the same time);
+    -1/n none."""
+    parts = Path(work_dir) / PARTS
     if shard[1] == 1:
         shutil.rmtree(parts, ignore_errors=True)
     elif shard[0] >= 0:
-        bs = max(1, get_method(job.cfg.attrib.name).batch_targets)
+        bs = max(1, get_method(method).batch_targets)
         for p in parts.glob("t*.safetensors"):
             if int(p.stem[1:]) // bs % shard[1] == shard[0]:  # its block is this shard's (attrib.base.blocks)
                 p.unlink(missing_ok=True)
+
+
+def clear_a(job, shard=(0, 1)):
+    forget_parts(job.post, job.cfg.attrib.name, shard)
 
 
 def a_units(job):

@@ -87,6 +87,12 @@ class Method:
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
 
+    @classmethod
+    def missing(cls, cfg):
+        """Why this method cannot run under the job's config `cfg` (e.g. offline weights that are not there), or
+        None: benchmarks that run every method skip it with this reason."""
+        return None
+
     def prepare(self):
         """Work shared by all targets (e.g. cached training-set quantities). Called once per process."""
 

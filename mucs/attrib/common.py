@@ -62,6 +62,14 @@ class EmbeddingSimilarity(Method):
     batch_targets = 64
     shares_work = True
 
+    @classmethod
+    def missing(cls, cfg):
+        from mucs.pretrained import _paths
+        try:
+            _paths(cls.embedder, cfg.paths.cache)
+        except UserError as e:
+            return str(e)
+
     def prepare(self):
         if hasattr(self, "E_train"):
             return

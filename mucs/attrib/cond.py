@@ -13,6 +13,11 @@ from mucs.model import labels_of
 class Cond(Method):
     batch_targets = 64
 
+    @classmethod
+    def missing(cls, cfg):
+        if not cfg.model.conditional:
+            return "it needs a conditional model (model.conditional=true)"
+
     def prepare(self):
         Y = labels_of(self.ctx.train, self.ctx.cfg.model, self.ctx.meta)
         if Y is None:

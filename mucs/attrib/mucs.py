@@ -315,4 +315,16 @@ class MUCS(Method):
             scores.append(s)
             infos.append(dict(info, unlearn_s=round(t1 - t0, 3), eval_s=round(time.time() - t1, 3),
                               forward_passes=int(seen.sum()), tensors=dict(noises=seen)))
+            if "explain" in self.ctx.extra:  # a benchmark with known answers: what their scores are made of
+                infos[-1]["per_noise"] = self.per_noise(D_u, self.ctx.extra["explain"][t], int(s.argmax()), sigmas, E)
         return torch.stack(scores), infos
+
+    def per_noise(self, D_u, answer, top, sigmas, E):
+        """The score's term at each fixed noise level (sigma) of the candidates `answer` (a known answer) and `top`
+        (the top-scored item): where a known item was missed, at which levels it fell behind."""
+        idx = torch.tensor([answer, top], device=self.X.device)
+        lab = None if self.labels is None else self.labels[idx]
+        L = item_noise_losses(D_u, self.X[idx], lab, sigmas, E, self.eval_batch, self.evaluator.bind(D_u))
+        terms = self.skew_terms(L.double(), self.L_orig[idx.cpu()].double())
+        r = lambda v: [round(float(u), 6) for u in v]  # noqa: E731
+        return dict(sigma=r(sigmas), answer=r(terms[0]), top=r(terms[1]), answer_row=answer, top_row=top)

@@ -158,8 +158,10 @@ def customize(job, e, ex):
     cc, d = job.cfg.known.custom, custom_dir(job, e)
     if not (d / FINETUNED).exists():
         tr = job.train_split
-        cfg = OmegaConf.merge(job.cfg, {"train": {"steps": int(cc.steps), "epoch_steps": int(cc.steps)}})  # one
-        k = finetune_copies(len(tr), cc.share)  # validation, at the end: best and last weights are the same
+        recipe = {"steps": int(cc.steps), "epoch_steps": int(cc.steps)}  # one validation, at the end: best = last
+        if cc.ema is not None:
+            recipe["ema"] = float(cc.ema)
+        cfg, k = OmegaConf.merge(job.cfg, {"train": recipe}), finetune_copies(len(tr), cc.share)
         out = train(cfg, with_exemplar(tr, ex, k), job.test_split, job.meta, d, job.device, desc=f"known custom{e}",
                     init=job.weights(job.pre))
         write_json(d / FINETUNED, dict(exemplar_id=int(ex.ids[0]), label=int(ex.labels[0]), copies=k,

@@ -151,6 +151,7 @@ RULES = {
     "known.custom.images": Rule("the user's exemplars", path=True, null=True),
     "known.custom.label": count("a class", lo=0), "known.custom.steps": count("fine-tune updates"),
     "known.custom.share": Rule("the exemplar's share of the fine-tune set", lo=0, hi=1, lo_open=True, hi_open=True),
+    "known.custom.ema": Rule("the fine-tune's EMA decay", lo=0, hi=1, hi_open=True, null=True),
     "known.custom.num_samples": count("samples per exemplar"), "known.custom.sample_seed": SEED,
     "known.bootstrap": count("bootstrap resamples"),
 }

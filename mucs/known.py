@@ -3,7 +3,7 @@
 Stage `known` (pipeline.py --what=known; settings in configs/known/), run folder <run>--known/:
   copies/      K training items (a seeded draw, or known.copies.ids) given back as targets, as they are and under
                each corruption level (Gaussian noise of std sigma, a shift by k pixels, a JPEG round trip at
-               quality q), attributed with the pre model. The answer: the item, with any exact duplicate of it.
+               quality q through Pillow), attributed with the pre model. The answer: the item, with any exact duplicate of it.
   custom<e>/   customization, the AbC protocol (Wang et al. 2023, "Evaluating Data Attribution for Text-to-Image
                Models"): the pre model fine-tuned with the training recipe for known.custom.steps updates on the
                training split plus exemplar e (a held-out test item, or the user's image; a share known.custom.share
@@ -71,10 +71,21 @@ def corrupt(x, kind, level, generator=None):
         return x + float(level) * torch.randn(x.shape, generator=generator)
     if kind == "shift":  # right by k pixels; the k new columns repeat the left edge
         return torch.nn.functional.pad(x, (int(level), 0, 0, 0), mode="replicate")[..., : x.shape[-1]]
-    if kind == "jpeg":  # a real JPEG round trip (libjpeg), on the 8-bit image
-        from torchvision.io import decode_jpeg, encode_jpeg
-        return torch.stack([decode_jpeg(encode_jpeg(u, quality=int(level))) for u in to_uint8(x)]).float() / 127.5 - 1
+    if kind == "jpeg":  # a real JPEG round trip (Pillow's libjpeg), on the 8-bit image
+        return torch.stack([jpeg(u, int(level)) for u in to_uint8(x)]).float() / 127.5 - 1
     raise UserError(f"unknown corruption {kind!r}; choose noise, shift or jpeg")
+
+
+def jpeg(u, quality):
+    """A uint8 image [C, H, W] encoded as JPEG at `quality` and decoded."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(u.permute(1, 2, 0).squeeze(-1).numpy()).save(buf, format="JPEG", quality=quality)
+    out = torch.from_numpy(np.asarray(Image.open(buf)).copy())
+    return out.reshape(u.shape[1], u.shape[2], -1).permute(2, 0, 1)
 
 
 def duplicates(images, image):

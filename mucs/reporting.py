@@ -6,6 +6,8 @@ base64 PNG, no external resource) plus its PNGs, for one evaluation folder writt
   controls      pre and every method's post image                    -> report/grid_controls_<job>.png
   tables        AUC and Ratio per method and metric (summary.csv), overlap of top ids (overlap.csv),
                 LDS per run when <run>--lds/lds.csv exists (pipeline.py --what=lds)
+  known         the known-answer table, rank curves and misses when the folder has eval.py --known's known.csv
+                (a folder with only those is a page of its own)
   densities     eval's densities.png
 
 A script in the page counts, once it has loaded, the images that rendered and the tables, and writes them
@@ -180,11 +182,43 @@ def lds_section(logs, jobs):
     return "\n".join(parts)
 
 
+def known_section(folder):
+    """eval.py --known's table, rank curves and misses (with what the methods' logs say), or '' if it has none."""
+    if not (folder / "known.csv").exists():
+        return ""
+    from mucs.known import format_table
+
+    out = ["<h2>Known-answer evaluation</h2>", table_html(format_table(pd.read_csv(folder / "known.csv")),
+           "the answer's rank among the candidates (0: first, ties against the method): recall@k = share of targets "
+           "ranked below k; MRR = mean 1 / (rank + 1); 95% bootstrap intervals over items (exemplars for custom)")]
+    if (folder / "known_ranks.png").exists():
+        out.append(f"<figure>{img_tag((folder / 'known_ranks.png').read_bytes(), 'known_ranks.png')}<figcaption>share "
+                   f"of targets whose answer is within the top k, per case and method</figcaption></figure>")
+    misses = folder / "known_misses.csv"
+    if misses.exists() and misses.stat().st_size > 2:
+        m = pd.read_csv(misses)
+        out.append(table_html(m.head(50), f"misses ({len(m)}; the first 50): each method's log for targets whose "
+                                          f"answer was not first"))
+    return "\n".join(out)
+
+
+def page_html(title, body):
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>mucs report: '
+            f'{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n' + "\n".join(body)
+            + f"\n{CHECK}\n</body></html>\n")
+
+
 def write_report(folder, logs, top=10):
     """Write <folder>/report.html and <folder>/report/*.png for the evaluation in `folder`; returns the page."""
     folder = Path(folder)
+    known = known_section(folder)
     if not (folder / "summary.csv").exists() or not (folder / "sims.csv").exists():
-        raise UserError(f"{folder} is not an evaluation folder (no summary.csv / sims.csv); run eval.py first")
+        if not known:
+            raise UserError(f"{folder} is not an evaluation folder (no summary.csv / sims.csv, nor known.csv); run "
+                            f"eval.py (or eval.py --known) first")
+        write_text(folder / PAGE, page_html(folder.name, [f"<h1>Attribution report: {html.escape(folder.name)}</h1>",
+                                                         known]))
+        return folder / PAGE
     summary, sims = pd.read_csv(folder / "summary.csv"), pd.read_csv(folder / "sims.csv")
     jobs, methods = list(pd.unique(sims.job)), list(pd.unique(sims.method))
     metric = str(summary.metric.iloc[0])
@@ -207,6 +241,8 @@ def write_report(folder, logs, top=10):
     lds = lds_section(logs, jobs)
     if lds:
         body += ["<h2>Linear datamodeling score</h2>", lds]
+    if known:
+        body.append(known)
     body.append("<h2>Targets</h2>")
     for r in runs:
         train = training_images(r["cfg"])
@@ -227,10 +263,7 @@ def write_report(folder, logs, top=10):
         grid = pngs / f"grid_controls_{r['job']}.png"
         body.append(f"<figure>{img_tag(grid.read_bytes(), 'controls')}<figcaption>{html.escape(r['job'])}: controls, "
                     f"pre (top row) and each method's post image</figcaption></figure>")
-    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>mucs report: '
-            f'{html.escape(folder.name)}</title><style>{STYLE}</style></head>\n<body>\n' + "\n".join(body)
-            + f"\n{CHECK}\n</body></html>\n")
-    write_text(folder / PAGE, page)
+    write_text(folder / PAGE, page_html(folder.name, body))
     return folder / PAGE
 
 

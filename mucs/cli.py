@@ -301,14 +301,7 @@ def group_eval_main(argv):
     args, rest = p.parse_overrides(argv)
     base = C.compose(rest)
     logs = args.logs or base.paths.logs
-    if args.known:
-        from mucs.known import known_eval
-        methods = args.methods and parse_list(args.methods, "methods", C.options("attrib"))
-        jobs = find_jobs(args.jobs, logs)
-        out = Path(base.paths.plots) / (args.fn_out or f"known_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
-        known_eval(jobs, logs, out, methods, not args.no_plots, int(base.known.bootstrap))
-        return 0
-    methods = parse_list(args.methods or "random,pixel", "methods", C.options("attrib"))
+    methods = parse_list(args.methods, "methods", C.options("attrib"))
     return group_eval(base.paths.plots, logs, find_jobs(args.jobs, logs), methods, args.aggregate, args.fn_out)
 
 

@@ -78,6 +78,17 @@ CASES = [
     P("lds_alpha_one", ["--what=lds", "lds.alpha=1.0"], "lds.alpha=1.0", "> 0 and < 1"),
     P("lds_one_subset", ["--what=lds", "lds.num_subsets=1"], "lds.num_subsets=1", ">= 2"),
     P("lds_t_range_reversed", ["--what=lds", "lds.t_range=[0.8,0.2]"], "lds.t_range=[0.8, 0.2]", "lo <= hi"),
+    # the known-answer benchmark
+    P("known_jpeg_quality_zero", ["--what=known", "known.copies.jpeg=[0]"], "known.copies.jpeg=[0]", "<= 100"),
+    P("known_noise_negative", ["--what=known", "known.copies.noise=[-0.1]"], "known.copies.noise=[-0.1]", "> 0"),
+    P("known_unknown_method", ["--what=known", "known.methods=[nope]"], "known.methods=['nope']", "pixel"),
+    P("known_share_one", ["--what=known", "known.custom.share=1"], "known.custom.share=1", "< 1"),
+    P("known_items_beyond_training_split", ["--what=known", "known.copies.num_items=2000"],
+      "known.copies.num_items=2000", "1500"),
+    P("known_exemplars_beyond_test_split", ["--what=known", "known.custom.num_exemplars=300"],
+      "known.custom.num_exemplars=300", "297"),
+    P("known_nothing_to_measure", ["--what=known", "known.copies.num_items=0", "known.custom.num_exemplars=0"],
+      "nothing to measure"),
     # methods
     P("mucs_lambda_negative", ["--attrib=mucs", "attrib.lam=-0.1"], "attrib.lam=-0.1", ">= 0"),
     P("mucs_noises_zero", ["--attrib=mucs", "attrib.num_noises=0"], "attrib.num_noises=0", ">= 1"),

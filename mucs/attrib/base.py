@@ -110,6 +110,7 @@ class Method:
 
 
 def get_method(name):
+    """The registered Method subclass called `name`; a UserError naming the choices if there is none."""
     # importing this module ran mucs/attrib/__init__.py first, which imports (so registers) every method
     if name not in REGISTRY:
         raise UserError(f"unknown attribution method {name!r}; choose from {', '.join(sorted(REGISTRY))}")

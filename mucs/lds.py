@@ -13,6 +13,11 @@ The measured output is MINUS the loss (higher = x more likely under the model), 
 scores where a high tau(x, j) means "training on j makes x likely": a method that predicts which subsets fit
 x best scores LDS near 1, random scores near 0. `--shard i/n` trains and measures units k = i, i+n, ... of
 the M*S (subset, seed) units; `-1/n` only merges them (as for the attribution stage `a`).
+
+The subset models live in `<job>_s<seed>_sb<subsample>--lds-models/`, shared by the runs of the job that differ
+only in their queries (num_attrib, topk_factor), and each query set's outputs are cached next to a model: an LDS
+grows to more subsets or seeds (the stage's extent, see stages.Stage) or to more queries (a run with a larger
+num_attrib) without training any finished model again.
 """
 import hashlib
 import shutil
@@ -24,15 +29,20 @@ import torch
 
 from mucs import config as C
 from mucs.errors import UserError
-from mucs.io import atomic_path, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
+from mucs.io import atomic_path, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors, write_json
 
 OUTPUTS = "lds-outputs.safetensors"  # the stage's output: measured f [M, S, Q], subsets [M, n], train_ids
-UNIT_OUTPUT = "lds-output.safetensors"  # one unit's f [Q], cached next to its model
+MODEL = "lds-model.json"  # a unit's finished model: its training key and the hash of its last weights
 TABLE, PER_QUERY = "lds.csv", "lds_per_query.csv"
 
 
 def folder(job):
     return Path(job.cfg.paths.logs) / f"{C.run_name(job.cfg)}--lds"
+
+
+def models_folder(job):
+    c = job.cfg
+    return Path(c.paths.logs) / f"{c.job_name}_s{c.seed}_sb{c.subsample}--lds-models"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +101,12 @@ def units(cfg):
 
 
 def unit_dir(job, i, j):
-    return folder(job) / f"m{i}_s{j}"
+    return models_folder(job) / f"m{i}_s{j}"
+
+
+def unit_output(job, i, j, key):
+    """Unit (i, j)'s f [Q] of the query set `key`."""
+    return unit_dir(job, i, j) / f"lds-output-{key}.safetensors"
 
 
 def subsets(job):
@@ -137,22 +152,29 @@ def measure(job, D, x, y):
 
 
 def run_unit(job, i, j, masks, x, y, key):
-    """Train unit (i, j) (resuming), measure the queries under it; cached in its folder against `key` and its
-    weights."""
+    """Train unit (i, j) once (resuming), then measure the queries under it; the measurement is cached next to the
+    model against the query set `key` and the model's weights."""
+    from mucs.lock import FolderLock
     from mucs.model import load_denoiser
-    from mucs.train import STATE, train
+    from mucs.train import STATE, run_key, train
 
     d = unit_dir(job, i, j)
-    path = d / UNIT_OUTPUT
-    if path.exists() and job.weights(d).exists():
-        meta = load_tensor_metadata(path)
-        if meta.get("key") == key and meta.get("weights") == file_hash(job.weights(d)):
+    cfg, sub = subset_cfg(job.cfg, j), job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
+    last = d / "model-last.safetensors"
+    with FolderLock(d, job.cfg.get("lock_wait", 0), what=f"LDS model m{i}_s{j}"):
+        mark = read_json(d / MODEL) if (d / MODEL).exists() else None
+        if mark and mark["train"] != run_key(cfg, sub):
+            raise UserError(f"LDS model {d} was trained with other settings or items; pass the same settings, or "
+                            f"redo the LDS models with --what=lds --force")
+        if not (mark and last.exists() and mark["last"] == file_hash(last)):
+            train(cfg, sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
+            write_json(d / MODEL, dict(train=run_key(cfg, sub), last=file_hash(last)))
+            (d / STATE).unlink(missing_ok=True)  # done: its 4x-weights resume state would fill a disk at 64 x 3 models
+        path, weights = unit_output(job, i, j, key), file_hash(job.weights(d))
+        if path.exists() and load_tensor_metadata(path).get("weights") == weights:
             return
-    sub = job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
-    train(subset_cfg(job.cfg, j), sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
-    D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
-    save_tensors(path, dict(f=measure(job, D, x, y).float()), metadata=dict(key=key, weights=file_hash(job.weights(d))))
-    (d / STATE).unlink(missing_ok=True)  # done: its 4x-weights resume state would fill a disk at 64 x 3 models
+        D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
+        save_tensors(path, dict(f=measure(job, D, x, y).float()), metadata=dict(key=key, weights=weights))
 
 
 def run(job, shard=(0, 1)):
@@ -176,21 +198,22 @@ def merge(job, masks, key, Q):
     f = torch.empty(M, S, Q)
     missing = []
     for i, j in units(job.cfg):
-        path = unit_dir(job, i, j) / UNIT_OUTPUT
+        path = unit_output(job, i, j, key)
         t = load_tensors(path, what="LDS unit output") if path.exists() else None
-        if t is None or load_tensor_metadata(path).get("key") != key:
+        if t is None:
             missing.append(f"m{i}_s{j}")
             continue
         f[i, j] = t["f"]
     if missing:
         raise UserError(f"LDS units {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} are not measured "
-                        f"yet in {folder(job)}; run their shards first (--what=lds --shard i/n)")
+                        f"yet in {models_folder(job)}; run their shards first (--what=lds --shard i/n)")
     save_tensors(folder(job) / OUTPUTS, dict(f=f, subsets=masks.to(torch.uint8), train_ids=job.train_split.ids),
                  metadata=dict(key=key))
 
 
 def clear(job, shard=(0, 1)):
-    """--force: forget this shard's units (their models and outputs); the merge step (-1/n) forgets nothing."""
+    """--force: forget this shard's units (their models and outputs, also those of the job's other runs); the merge
+    step (-1/n) forgets nothing."""
     if shard[0] == -1:
         return
     for i, j in units(job.cfg)[shard[0]::shard[1]]:

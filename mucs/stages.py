@@ -8,6 +8,7 @@ files in the job's run folders; launchers (local, Slurm) only decide where it ru
   gpost  regenerate every sample with the same seeds             -> <run>--post_<m>/samples.safetensors
 """
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -202,6 +203,8 @@ class Stage:
     outputs: tuple  # file names in that folder
     inputs: Callable  # job -> [(path, stage that writes it)]
     depends: tuple  # config sections its output depends on
+    extent: tuple = ()  # settings that set only how much it computes (e.g. LDS subsets): a finished stage whose
+    #                     settings differ in these alone runs again, keeping its finished parts
 
 
 def data_files(job, splits=("train", "test")):
@@ -237,7 +240,7 @@ STAGES = {s.name: s for s in [
     Stage("gpost", run_gpost, lambda j: j.post, (SAMPLES,),
           lambda j: [(j.weights(j.post), "tpost"), (j.pre / SAMPLES, "gpre")], ("sample", "use_last_ckpt")),
     Stage("lds", lds.run, lds.folder, (lds.OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
-          ("data", "model", "train", "seed", "subsample", "lds", "use_last_ckpt")),
+          ("data", "model", "train", "seed", "subsample", "lds", "use_last_ckpt"), ("lds.num_subsets", "lds.num_seeds")),
     Stage("logo", logo.run_logo, lambda j: logo.logo_dir(j.cfg), (logo.LOGO,), logo.logo_inputs,
           ("data", "model", "train", "seed", "subsample", "groups", "sample", "num_attrib", "control_factor", "targets",
            "use_last_ckpt")),
@@ -288,10 +291,26 @@ def redo(name):
     return f"--what={','.join(ORDER[ORDER.index(name):] if name in ORDER else [name])} --force"
 
 
+def extended(stage, old, new):
+    """Settings `old` differ from `new` in the stage's extent keys alone (Stage.extent)."""
+    def without(s):
+        for key in stage.extent:
+            *parents, last = key.split(".")
+            d = s
+            for p in parents:
+                d = d.get(p, {})
+            d.pop(last, None)
+        return s
+    if not stage.extent or not isinstance(old, dict):
+        return False
+    old, new = (json.loads(json.dumps(s, sort_keys=True, default=str)) for s in (old, new))  # copies, as manifests hold them
+    return old != new and without(old) == without(new)
+
+
 def check_settings(job, stage, recorded, what, fix):
     """Refuse `what` (outputs or progress of `stage`) if it was made with other settings than the current ones."""
     now = settings_of(job.cfg, stage.depends)
-    if recorded.get("config") == C.hash_settings(now):
+    if recorded.get("config") == C.hash_settings(now) or extended(stage, recorded.get("settings"), now):
         return
     diff = C.differences(recorded["settings"], now) if "settings" in recorded else [f"{', '.join(stage.depends)}"]
     raise UserError(f"{what} was made with other settings ({'; '.join(diff)}); pass the same settings, or {fix}")
@@ -379,7 +398,10 @@ def start_progress(job, stage):
 
 
 def is_done(job, stage):
-    return manifest_path(job, stage).exists() and all((stage.folder(job) / o).exists() for o in stage.outputs)
+    if not manifest_path(job, stage).exists() or not all((stage.folder(job) / o).exists() for o in stage.outputs):
+        return False
+    return not (stage.extent and extended(stage, read_json(manifest_path(job, stage)).get("settings"),
+                                          settings_of(job.cfg, stage.depends)))
 
 
 def check_manifest(job, stage):

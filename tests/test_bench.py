@@ -105,3 +105,12 @@ def test_compiled_evaluation_matches_eager_with_one_graph(tiny_job):
         got = item_noise_losses(model, X, lab, m.sigmas, m.E, 128, ev.bind(model))
         assert torch.allclose(got, item_noise_losses(model, X, lab, m.sigmas, m.E, 128), rtol=1e-4, atol=1e-6)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_method_stages_time_other_methods_and_read_their_logs(tiny_job, tmp_path):
+    over = [o for o in tiny_job[0] if not o.startswith("attrib")] + ["attrib.num_draws=2"]
+    res = bench.method_stages(over, ["ekfac"], tmp_path / "log")
+    r = res["ekfac"]
+    assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_mb"] > 100
+    assert r["log"]["fit_s"] > 0 and r["log"]["fit_peak_mb"] > 0 and r["log"]["score_s"] > 0
+    assert r["log"]["fit_pairs"] == 150 * 2  # the job's 150 items x the 2 draws asked for

@@ -146,6 +146,10 @@ def test_untracked_parameters_are_named_and_bad_settings_refused(job):  # noqa: 
     assert names and all(n.startswith("net.blocks.") for n in names)
     assert "DiT (a type kronfluence cannot track): 64 parameters left out" in note  # the extra tokens
     assert "Linear (not in attrib.modules)" in note
+    from mucs.model import build_denoiser  # the toolkit's DDPM++ UNet: its convolutions tracked, GroupNorm named
+    unet = build_denoiser(compose(["job=digits_unet_edm"]).model, dict(resolution=8, channels=1, num_classes=10, cond="class"))
+    names, note = tracked_modules(unet, ["*"])
+    assert any(n.endswith("conv0") for n in names) and note.startswith("GroupNorm (a type kronfluence cannot track)")
     with pytest.raises(UserError, match="no Linear or Conv2d module matches") as e:
         tracked_modules(ctx.D, ["net.nothing.*"])
     assert "\n" not in str(e.value)

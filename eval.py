@@ -2,7 +2,7 @@
 """Counterfactual evaluation: python eval.py --jobs=<job>_s1_...,<job>_s2_... --methods=random,<m> [--metrics=...]"""
 import sys
 
-from mucs.evaluate import run_eval
+from mucs.cli import run_eval
 
 if __name__ == "__main__":
     sys.exit(run_eval())

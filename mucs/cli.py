@@ -1,9 +1,11 @@
-"""Command lines of pipeline.py and eval.py: flags in the published spelling, the rest Hydra overrides."""
+"""The entry-point layer: the command lines of pipeline.py, eval.py and the scripts (flags in the published
+spelling, the rest Hydra overrides), parsed here and handed to the library; a UserError becomes one line."""
 import argparse
 import errno
 import sys
-import traceback
+from pathlib import Path
 
+from mucs import config as C
 from mucs.errors import UserError
 
 
@@ -48,6 +50,22 @@ class Parser(argparse.ArgumentParser):
         if bad:
             raise UserError(f"unknown option {bad[0]}; see --help")
         return args, rest
+
+
+def parse_list(text, what, choices=None):
+    """The items of a comma-separated --<what> (seeds also as ranges a-b), each one of `choices` if given."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if what == "seeds":
+        try:
+            spans = [t.partition("-") for t in items]
+            items = [v for a, _, b in spans for v in range(int(a), int(b or a) + 1)]
+        except ValueError:
+            raise UserError(f"--seeds {text!r} must be integers, e.g. 1,2,3 or 1-3")
+    bad = [t for t in items if choices is not None and t not in choices]
+    if bad or not items:
+        raise UserError(f"--{what} {text!r}: unknown {', '.join(map(str, bad)) or 'empty list'}"
+                        + (f"; choose from {', '.join(choices)}" if choices else ""))
+    return list(dict.fromkeys(items))
 
 
 def pipeline_args(argv):
@@ -101,11 +119,13 @@ def parse_shard(s):
 
 
 def pipeline_main(argv):
-    from mucs import config as C
+    from mucs import lds
+    from mucs import runner as R
     from mucs import stages as S
+    from mucs.manifest import is_done
 
     args, overrides = pipeline_args(argv)
-    names = S.parse_what(args.what)
+    names = R.parse_what(args.what)
     cfg = C.compose(overrides)
     if cfg.launcher.name != "local" and not args.no_exec:  # before Job(): a login node may have no GPU
         if args.shard:
@@ -122,17 +142,16 @@ def pipeline_main(argv):
     if job.world.main:
         print(f"[pipeline] job {cfg.job_name} seed {cfg.seed} method {cfg.attrib.name} on {job.device}"
               f"{f' x {job.world.size} processes' if job.world.size > 1 else ''}; runs in {job.pre.parent}")
-    lds_done = "lds" in names and S.is_done(job, S.STAGES["lds"]) and not cfg.force
+    lds_done = "lds" in names and is_done(job, R.STAGES["lds"]) and not cfg.force
     for n in names:
-        kw = dict(shard=shard) if n in S.SHARDED else {}
-        S.run_stage(job, n, will_run=names, **kw)
+        R.run_stage(job, n, will_run=names, shard=shard)
     if lds_done and job.world.main and (shard[1] == 1 or shard[0] == -1):
-        S.lds.show(job)  # skipped as done: its table still takes in the methods attributed since
+        lds.show(job)  # skipped as done: its table still takes in the methods attributed since
     return 0
 
 
 def print_plan(job, names):
-    from mucs import config as C
+    from mucs import runner as R
     from mucs import stages as S
 
     cfg = job.cfg
@@ -158,9 +177,135 @@ def print_plan(job, names):
         lc = cfg.lds
         print(f"  lds: {lc.num_subsets} subsets of {lc.alpha:.0%} x {lc.num_seeds} seeds = {lc.num_subsets * lc.num_seeds} "
               f"models of {lc.steps or t.steps} updates; {lc.num_noises} fixed noises per query")
-    for stage, status, ins, outs in S.plan(job, names):
+    for stage, status, ins, outs in R.plan(job, names):
         print(f"  [{status:4s}] {stage.name:5s} in: {', '.join(ins) or '-'}")
         print(f"               out: {', '.join(outs)}")
 
 
 run_pipeline = guard(pipeline_main)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py
+
+
+def eval_args(argv):
+    p = Parser(prog="eval.py", description="Counterfactual evaluation: AUC and Ratio against random removal.")
+    p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
+    p.add_argument("--methods", default="random,pixel", help="comma-separated methods; must include random")
+    p.add_argument("--metrics", default=None, help="comma list, 'published' or 'all_available' (default: the no-download set)")
+    p.add_argument("--calc_ref", action="store_true", help="recompute the per-sample similarities even if cached")
+    p.add_argument("--pval", action="store_true", help="show p-values in the printed table")
+    p.add_argument("--show_controls", action="store_true", help="show control rows in the printed table and grids")
+    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
+    p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--allow_unequal", action="store_true", help="evaluate methods that remove another number of ids "
+                   "per target than random, or over other targets (refused otherwise); the table marks them")
+    return p.parse_overrides(argv)
+
+
+def eval_main(argv):
+    from mucs.evaluation import evaluate, find_jobs, print_evaluation
+    from mucs.metrics import resolve
+    from mucs.validate import check_device
+
+    args, overrides = eval_args(argv)
+    base = C.compose(overrides)  # for paths.* (logs, cache, plots)
+    logs = args.logs or base.paths.logs
+    methods = parse_list(args.methods, "methods", C.options("attrib"))
+    if "random" not in methods:
+        raise UserError("--methods must include random: every method is measured against random removal")
+    methods = ["random"] + [m for m in methods if m != "random"]
+    resolve(args.metrics)  # an unknown metric is refused before the runs are looked up
+    check_device(args.device, "--device")
+    jobs = find_jobs(args.jobs, logs)
+    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+    res = evaluate(jobs, methods, logs, out, args.metrics, base.paths.cache, args.calc_ref, not args.no_plots,
+                   args.show_controls, args.device, args.allow_unequal)
+    print_evaluation(res, args.pval, args.show_controls)
+    return 0
+
+
+run_eval = guard(eval_main)
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/launch_grid.py and scripts/status.py (Slurm)
+
+
+def grid_main(argv):
+    from mucs.launch import submit_grid
+    from mucs.runner import parse_what
+    from mucs.stages import ORDER
+
+    p = Parser(prog="launch_grid.py", description="Submit whole pipelines (jobs x seeds x methods) to Slurm, the "
+               "pre stages once per (job, seed). Other options as in pipeline.py; key=value are Hydra overrides.")
+    p.add_argument("--jobs", required=True, help="comma-separated job presets")
+    p.add_argument("--methods", required=True, help="comma-separated attribution methods (random first is usual)")
+    p.add_argument("--seeds", required=True, help="comma-separated seeds or ranges, e.g. 1,2,3 or 1-3")
+    p.add_argument("--what", default=",".join(ORDER), help="stages of each pipeline")
+    p.add_argument("--dry_run", action="store_true", help="print the grid; submit nothing")
+    args, rest = p.parse_known_args(argv)
+    pa, overrides = pipeline_args(rest)
+    if pa.job or pa.attrib or pa.seed is not None or pa.shard:
+        raise UserError("launch_grid.py takes --jobs, --methods and --seeds (not --job, --attrib, --seed, --shard)")
+    overrides = [o for o in overrides if not o.startswith("launcher=")] + ["launcher=slurm"]
+    jobs = parse_list(args.jobs, "jobs", C.options("job"))
+    methods, seeds = parse_list(args.methods, "methods", C.options("attrib")), parse_list(args.seeds, "seeds")
+    return submit_grid(jobs, methods, seeds, parse_what(args.what), overrides, args.dry_run)
+
+
+def status_main(argv):
+    from mucs.slurm_status import print_status
+
+    p = Parser(prog="status.py", description="Each stage of each run folder: done, pending, running, failed (with "
+               "the log to read), cancelled or missing.")
+    p.add_argument("--logs", help="folder of the run folders (default: paths.logs of the config)")
+    p.add_argument("pattern", nargs="?", help="only runs whose name matches this glob or contains this text")
+    args = p.parse_args(argv)
+    if args.logs and not Path(args.logs).is_dir():
+        raise UserError(f"--logs {args.logs} is not a folder; pass the folder of the run folders (paths.logs)")
+    return print_status(args.logs or C.compose([]).paths.logs, args.pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/guda_eval.py and scripts/guda_sweep.py (group attribution)
+
+
+def group_eval_main(argv):
+    from mucs.evaluation import find_jobs
+    from mucs.logo import group_eval
+
+    p = Parser(prog="guda_eval.py", description="Group attribution against the LOGO ground truth: Top-1, MRR, NDCG@3, "
+               "Top-3 overlap, RBO (p 0.9), Spearman, averaged over queries; GUDA's speed-up over LOGO.")
+    p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
+    p.add_argument("--methods", default="guda,random,pixel", help="methods with finished `a` runs; instance methods "
+                   "are aggregated to groups")
+    p.add_argument("--aggregate", default="mean", choices=("sum", "mean", "max"), help="sum, mean or max: an instance "
+                   "method's item scores -> group scores (GUDA's own are exact)")
+    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
+    p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
+    args, rest = p.parse_overrides(argv)
+    base = C.compose(rest)
+    logs = args.logs or base.paths.logs
+    methods = parse_list(args.methods, "methods", C.options("attrib"))
+    return group_eval(base.paths.plots, logs, find_jobs(args.jobs, logs), methods, args.aggregate, args.fn_out)
+
+
+def sweep_main(argv):
+    from mucs.logo import sweep_variants
+
+    p = Parser(prog="guda_sweep.py", description="GUDA settings compared on one run's gpre samples by the label "
+               "proxy: how often a sample's own class is its top group, and its mean rank; where the run's LOGO is "
+               "done, also Top-1 and MRR against LOGO on the targets. Extra key=value arguments are overrides.")
+    p.add_argument("--job", default="digits_dit_edm")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--variants", required=True, help="';'-separated variants, each space-separated overrides, e.g. "
+                   "'attrib.alpha=0.03;attrib.alpha=1.0 attrib.epochs=50'")
+    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
+    args, rest = p.parse_overrides(argv)
+    base = [f"job={args.job}", f"seed={args.seed}", "attrib=guda"] + rest
+    variants = [(v, C.compose(base + v.split())) for v in (v.strip() for v in args.variants.split(";"))]
+    return sweep_variants(variants, args.fn_out)

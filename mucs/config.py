@@ -5,6 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mucs import validate
 from mucs.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ def compose(overrides=()) -> DictConfig:
         raise UserError(f"bad config override: {msg[:300]}")
     if cfg.get("pretrained"):
         apply_pretrained(cfg)
+    validate.check(cfg, num_removal(cfg), num_gen(cfg))
     return cfg
 
 
@@ -97,13 +99,27 @@ def post_dir(cfg, method=None):
     return Path(cfg.paths.logs) / f"{run_name(cfg)}--post_{method or cfg.attrib.name}"
 
 
+def run_dir(cfg, kind):
+    """The run folder of a stage with a folder of its own: <run>--<kind> (lds, logo)."""
+    return Path(cfg.paths.logs) / f"{run_name(cfg)}--{kind}"
+
+
 def to_yaml(cfg):
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def sections(cfg, *keys):
-    """The named config sections as plain data."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+    """The named config sections (or dotted keys, e.g. precision.autocast) as plain nested data."""
+    out = {}
+    for k in keys:
+        *parents, last = k.split(".")
+        v, d = cfg, out
+        for p in k.split("."):
+            v = v[p]
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+    return out
 
 
 def section_hash(cfg, *keys):
@@ -116,7 +132,10 @@ def section_hash(cfg, *keys):
 # per-network entry that does not apply to this job's network.
 OTHER_NET = object()
 LATER = {"sample.sampler": "heun", "sample.scheduler": None, "tpost.mode": "retrain",
-         "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET}
+         "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET,
+         "attrib.adaptive": False, "attrib.adaptive_blocks": 4, "attrib.adaptive_alpha": 1e-3, "attrib.adaptive_keep": 2.0,
+         "attrib.adaptive_prior_dof": 0, "precision.autocast": "none", "precision.tf32": True,
+         "precision.score_tf32": False, "attrib.instance_weighting": "none"}
 
 
 def drop_later_defaults(s, net):

@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W] (or float in [-1, 1]: images handed over in memory, mucs.api)
     ids: torch.Tensor  # int64 [N]
     labels: torch.Tensor  # int64 [N]
     conds: torch.Tensor | None = None  # float32 [N, K, D]
@@ -39,11 +39,17 @@ class Split:
 
     def float_images(self):
         """Images in [-1, 1], float32."""
+        if self.images.is_floating_point():
+            return self.images.float()
         return self.images.float() / 127.5 - 1
 
 
 def write_dataset(folder, meta: dict, splits: dict):
-    """Write a dataset in the stored format. `splits` maps 'train'/'test' to dicts of tensors/arrays."""
+    """Write a dataset in the stored format into `folder`. `meta`: at least its name, and for class labels
+    `num_classes` and `cond: class` (channels and resolution are read from the images). `splits` maps 'train' and
+    'test' to dicts of arrays or tensors: `images` uint8 [N, C, H, W], `ids` [N] (unique, stable: attribution
+    reports these), optional `labels` [N] (default -1) and `conds` [N, K, D]. meta.json is written last, so a
+    folder with it is complete. Returns None; malformed splits raise ValueError."""
     folder = Path(folder)
     for name, s in splits.items():
         t = {k: torch.as_tensor(np.asarray(v)) for k, v in s.items() if v is not None}
@@ -76,6 +82,23 @@ def load_meta(folder):
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"dataset {folder} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}; rerun its preprocessing")
     return meta
+
+
+def split_sizes(folder, expect=None):
+    """{split: items} from the split files' headers (nothing loaded), or before the dataset is built from what its
+    config expects (data.expect.sizes); {} when neither is known (or a file is unreadable: its reader says so)."""
+    from safetensors import safe_open
+
+    try:
+        if (Path(folder) / "meta.json").exists():
+            out = {}
+            for split in ("train", "test"):
+                with safe_open(str(Path(folder) / f"{split}.safetensors"), "pt") as f:
+                    out[split] = f.get_slice("ids").get_shape()[0]
+            return out
+    except Exception:  # a corrupted split: the stage that reads it refuses it in its own words
+        return {}
+    return dict((expect or {}).get("sizes") or {})
 
 
 def load_split(folder, split) -> Split:

@@ -31,6 +31,7 @@ PRIVATE = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_v
 
 
 def is_diffusers(model_cfg):
+    """Whether a model config block builds a diffusers network (model.net diffusers_unet or diffusers_dit)."""
     return str(model_cfg.net) in NETS
 
 
@@ -65,6 +66,9 @@ class DiffusersNet(nn.Module):
             self.null = n - 1 if n is not None and n > num_classes else None
 
     def class_labels(self, labels, n, device):
+        """The class indices [n] that the diffusers model takes for condition vectors `labels` [n, classes]
+        (one-hot; None or all-zero rows mean "no condition", the model's extra last class row), or None for an
+        unconditional UNet."""
         dit = FAMILY[type(self.model).__name__] == "diffusers_dit"
         if self.num_classes == 0:  # unconditional job: no labels (UNet), the "no condition" row (DiT)
             return torch.full((n,), self.null, device=device, dtype=torch.long) if dit else None
@@ -78,6 +82,8 @@ class DiffusersNet(nn.Module):
         return idx if self.null is None else torch.where(none, self.null, idx)
 
     def forward(self, x, t, labels=None, augment_labels=None):
+        """F(x_t, t, labels): the diffusers model's output for inputs x [B, C, H, W] at (fractional) timesteps t
+        [B], cut to the image channels (a learned-variance output loses its variance half)."""
         out = self.model(x, t, class_labels=self.class_labels(labels, len(x), x.device)).sample
         return out[:, : self.channels]
 
@@ -212,6 +218,8 @@ class DDPMPrecond(nn.Module):
         return self.sigmas[torch.as_tensor(t, dtype=torch.long).cpu()]
 
     def forward(self, x, sigma, labels=None, augment_labels=None):
+        """D(x, sigma, labels): the denoised estimate [B, C, H, W] of x = x_0 + sigma eps at noise levels sigma [B],
+        from the network's epsilon, v or sample prediction at the timesteps t(sigma)."""
         t = self.timestep(sigma.flatten()).to(torch.float32)
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         c_in = 1 / (sigma ** 2 + 1).sqrt()  # sqrt(abar)
@@ -294,6 +302,7 @@ def find_model_folder(folder):
 
 
 def read_config(path):
+    """A diffusers JSON config file as a dict; a UserError if it cannot be read."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -301,6 +310,7 @@ def read_config(path):
 
 
 def weights_file(model_dir):
+    """The weights file of a diffusers model folder (safetensors before .bin); a UserError if there is none."""
     found = [Path(model_dir) / w for w in WEIGHTS if (Path(model_dir) / w).exists()]
     if not found:
         raise UserError(f"no weights in {model_dir} (looked for {', '.join(WEIGHTS)}); the folder is incomplete")

@@ -26,6 +26,8 @@ class EDMPrecond(nn.Module):
         self.sigma_min, self.sigma_max, self.P_mean, self.P_std = sigma_min, sigma_max, P_mean, P_std
 
     def forward(self, x, sigma, labels=None, augment_labels=None):
+        """D(x, sigma, labels): the denoised estimate [B, C, H, W] of noisy images x [B, C, H, W] at noise levels
+        sigma [B], conditioned on `labels` [B, d] (None or zero rows: no condition) and augmentation labels."""
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (sigma ** 2 + sd2)
@@ -56,14 +58,18 @@ class VPPrecond(nn.Module):
         self.sigma_max = float(self.sigma(torch.tensor(1.0)))
 
     def sigma(self, t):
+        """sigma(t) of the VP schedule at times t in [epsilon_t, 1] (a number or tensor), as float64."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):
+        """t(sigma), the inverse of `sigma`, as float64."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
 
     def forward(self, x, sigma, labels=None, augment_labels=None):
+        """D(x, sigma, labels): the denoised estimate [B, C, H, W] of noisy images x at noise levels sigma [B], as
+        EDMPrecond.forward, with the VP scalings."""
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
@@ -76,6 +82,7 @@ class VPPrecond(nn.Module):
         return self.sigma(t).float()
 
     def loss_weight(self, sigma):
+        """lambda(sigma) = 1 / sigma^2 (Table 1, VP column): the epsilon-prediction error."""
         return 1 / sigma ** 2
 
 
@@ -126,7 +133,19 @@ class SeedGenerators:
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def randn(self, shape, device="cpu"):
+        """Unit Gaussian noise [len(seeds), *shape] on `device`, row i drawn from sample i's own generator."""
         return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(device)
+
+
+FIXED_NOISE = 2 ** 31  # the seed range of fixed noise sets: [2^31, 2^32), above every sample seed (a test id)
+
+
+def fixed_noise_generator(seed, stream):
+    """The generator of a method's fixed noise set. A sample's initial latent comes from its test id as the seed,
+    and torch's CPU generator keeps a seed's low 32 bits only: these seeds keep their low 32 bits in
+    [2^31, 2^32), which no test id reaches, so no fixed noise equals a sample's latent. `stream` keeps the sets of
+    different methods apart."""
+    return torch.Generator().manual_seed(FIXED_NOISE + (int(seed) * 7919 + int(stream)) % FIXED_NOISE)
 
 
 def guided(D, guidance):
@@ -173,19 +192,8 @@ def heun_sampler(D, latents, sigmas, labels=None, guidance=1.0, S_churn=0.0, S_m
     return x.float()
 
 
-def build_precond(net, cfg):
-    """A preconditioner from the model config's `precond` block."""
-    kw = dict(cfg)
-    kind = kw.pop("kind")
-    if kind == "ddpm":  # a diffusers scheduler's discrete-time parametrisation
-        from mucs.diffusers_adapter import DDPMPrecond
-        return DDPMPrecond(net, **kw)
-    if kind not in PRECONDS:
-        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS) + ['ddpm']}")
-    return PRECONDS[kind](net, **kw)
-
-
 def describe_ladder(sigmas):
+    """A one-line summary of a sigma ladder (ending in 0) for logs: `<steps> steps, sigma <first> -> <last>`."""
     s = np.asarray(sigmas, dtype=float)
     return f"{len(s) - 1} steps, sigma {s[0]:.3g} -> {s[-2]:.3g}"
 

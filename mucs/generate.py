@@ -10,7 +10,7 @@ from mucs.diffusion import SeedGenerators, heun_sampler, sigma_ladder
 from mucs.errors import UserError
 from mucs.io import atomic_path, load_tensor_metadata, load_tensors, save_tensors
 from mucs.model import labels_of
-from mucs.train import autocast
+from mucs.precision import autocast, numerics
 
 SAMPLES = "samples.safetensors"
 
@@ -32,15 +32,19 @@ def sample(D, cfg, seeds, labels, shape, device, desc="sample", parts=None):
     """Images in [-1, 1] for the given per-sample seeds and condition vectors, in batches. With `parts` (a
     folder) each batch is saved there as it is made and read back on a rerun, so a killed run resumes."""
     s, sigmas, out = cfg.sample, ladder(cfg, D), []
+    now = numerics(device, cfg.precision.autocast)
     for i in tqdm(range(0, len(seeds), s.batch), desc=desc, unit="batch", leave=False):
         part = parts and Path(parts) / f"b{i // s.batch:05d}.safetensors"
         if part and part.exists():
-            out.append(load_part(part, seeds[i: i + s.batch], shape))
-            continue
+            x = load_part(part, seeds[i: i + s.batch], shape, now)
+            if x is not None:
+                out.append(x)
+                continue
         y = None if labels is None else labels[i: i + s.batch].to(device)
         out.append(sample_batch(D, cfg, sigmas, seeds[i: i + s.batch], y, shape, device).clamp(-1, 1).cpu())
         if part:
-            save_tensors(part, dict(images=out[-1], seeds=torch.tensor(seeds[i: i + s.batch], dtype=torch.long)))
+            save_tensors(part, dict(images=out[-1], seeds=torch.tensor(seeds[i: i + s.batch], dtype=torch.long)),
+                         metadata=dict(numerics=now))
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 
@@ -59,11 +63,16 @@ def sample_batch(D, cfg, sigmas, seeds, y, shape, device, trace=None):
                             solver=s.solver, trace=trace)
 
 
-def load_part(path, seeds, shape):
+def load_part(path, seeds, shape, now):
+    """A finished batch's images, or None when it was made under other numerics than `now` (it is made again)."""
     t = load_tensors(path, what="generation part", hint="rerun the stage")
     if t.get("seeds") is None or t["seeds"].tolist() != list(seeds) or tuple(t["images"].shape[1:]) != tuple(shape):
         raise UserError(f"{path} holds other samples than this run makes (another sample.batch or run); rerun the "
                         f"stage with --force to start it over")
+    made = load_tensor_metadata(path).get("numerics")
+    if made != now:
+        print(f"[sample] {path.name} was made under other numerics ({made} -> {now}); making it again")
+        return None
     return t["images"]
 
 

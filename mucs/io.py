@@ -125,6 +125,18 @@ def torch_load(path, what="checkpoint", hint="rerun the stage that writes it"):
         raise UserError(f"corrupted, truncated or unsafe {what} {path} ({e.__class__.__name__}); delete it and {hint}")
 
 
+def digest(*parts):
+    """A short hash of tensors (dtype, shape and bytes) and plain data (its JSON): keys of caches."""
+    h = hashlib.sha256()
+    for p in parts:
+        if torch.is_tensor(p):
+            p = p.detach().cpu().contiguous()
+            h.update(f"{p.dtype}{tuple(p.shape)}".encode() + p.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def file_hash(path, n=16):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,8 +21,12 @@ import torch
 
 from mucs import config as C
 from mucs.errors import UserError
+from mucs.generate import SAMPLES, load_samples
 from mucs.groups import collapse, load_groups, without
 from mucs.io import atomic_path, load_tensor_metadata, load_tensors, read_json, save_tensors, write_json, write_text
+from mucs.manifest import check_finished
+from mucs.precision import scoring
+from mucs.stages import MADE, SCORED, TRAINED, Job, Stage, add, attrib_context, data_files, targets_of
 from mucs.train import STATE, train
 
 LOGO = "logo.safetensors"
@@ -31,7 +35,7 @@ RECORD = "logo-train.json"
 
 
 def logo_dir(cfg):
-    return Path(cfg.paths.logs) / f"{C.run_name(cfg)}--logo"
+    return C.run_dir(cfg, "logo")
 
 
 def group_dir(folder, k):
@@ -40,10 +44,13 @@ def group_dir(folder, k):
 
 def logo_inputs(job):
     """What the stage reads: the pre model, the queries, the data and the group table."""
-    from mucs.stages import SAMPLES, data_files
     table = [(Path(job.cfg.groups.table), "data")] if job.cfg.groups.source == "table" and job.cfg.groups.table else []
     return ([(job.weights(job.pre), "tpre")] + ([] if job.cfg.targets else [(job.pre / SAMPLES, "gpre")])
             + data_files(job) + table)
+
+
+def group_units(K):
+    return K, f"there are {K} groups"
 
 
 def shard_groups(K, shard):
@@ -80,7 +87,6 @@ def train_group(job, groups, k):
 
 def score_logo(job, groups):
     from mucs.attrib.guda import group_delbo
-    from mucs.stages import attrib_context, targets_of
 
     folder, K = logo_dir(job.cfg), len(groups)
     missing = [groups.names[k] for k in range(K) if not (group_dir(folder, k) / RECORD).exists()]
@@ -89,7 +95,8 @@ def score_logo(job, groups):
                         f"(--what=logo --shard i/n) or --what=logo without --shard first")
     x, labels = targets_of(job)
     t0 = time.time()
-    G = group_delbo(attrib_context(job), lambda k: job.denoiser(group_dir(folder, k)), K, x, labels)
+    with scoring(job.cfg):
+        G = group_delbo(attrib_context(job), lambda k: job.denoiser(group_dir(folder, k)), K, x, labels)
     seconds = [read_json(group_dir(folder, k) / RECORD)["seconds"] for k in range(K)]
     save_tensors(folder / LOGO, dict(scores=G, train_seconds=torch.tensor(seconds, dtype=torch.float64),
                                      group_sizes=groups.sizes()),
@@ -151,7 +158,6 @@ def guda_seconds(post):
 def evaluate(logs, jobs, methods, how):
     """(per-query rows, time rows) of every method against LOGO over the runs `jobs`."""
     from mucs.ranking import agreement
-    from mucs.stages import check_finished
 
     rows, times = [], []
     for job in jobs:
@@ -201,28 +207,11 @@ def format_summary(s):
     return t.to_string(index=False)
 
 
-def group_eval_main(argv):
-    from mucs.cli import Parser
-    from mucs.evaluate import find_jobs
-
-    p = Parser(prog="guda_eval.py", description="Group attribution against the LOGO ground truth: Top-1, MRR, NDCG@3, "
-               "Top-3 overlap, RBO (p 0.9), Spearman, averaged over queries; GUDA's speed-up over LOGO.")
-    p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
-    p.add_argument("--methods", default="guda,random,pixel", help="methods with finished `a` runs; instance methods "
-                   "are aggregated to groups")
-    p.add_argument("--aggregate", default="mean", choices=("sum", "mean", "max"), help="sum, mean or max: an instance method's item scores -> group "
-                   "scores (GUDA's own are exact)")
-    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
-    p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
-    args, rest = p.parse_overrides(argv)
-    base = C.compose(rest)
-    logs = args.logs or base.paths.logs
-    how = args.aggregate
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    jobs = find_jobs(args.jobs, logs)
+def group_eval(plots, logs, jobs, methods, how, fn_out=None):
+    """scripts/guda_eval.py: every method against LOGO over the runs `jobs`; tables in <plots>/<fn_out>/, printed."""
     per_query, times = evaluate(logs, jobs, methods, how)
     summary = summarize(per_query)
-    out = Path(base.paths.plots) / (args.fn_out or f"groups_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+    out = Path(plots) / (fn_out or f"groups_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
     for name, df in (("group_per_query", per_query), ("group_summary", summary), ("group_times", times)):
         with atomic_path(out / f"{name}.csv") as tmp:
             df.to_csv(tmp, index=False)
@@ -247,8 +236,6 @@ def sweep(job):
     """Per gpre sample (targets, then controls): GUDA's group scores [N, K] under job.cfg.attrib, the sample's own
     group (the group of its class), the unlearning seconds and the number of targets."""
     from mucs.attrib.guda import GUDA, unlearn_seconds
-    from mucs.generate import load_samples
-    from mucs.stages import attrib_context, check_finished
 
     check_finished(job.pre, "gpre")
     s = load_samples(job.pre)
@@ -256,32 +243,24 @@ def sweep(job):
     if job.cfg.groups.source != "label" or "cond" not in s or not torch.isin(s["labels"], classes).all():
         raise UserError("the label proxy needs class-conditional samples of a job whose groups are its classes "
                         "(groups.source=label)")
-    m = GUDA(job.cfg.attrib, attrib_context(job))
-    G = m.group_scores(s["images"], s["cond"])
+    with scoring(job.cfg):
+        m = GUDA(job.cfg.attrib, attrib_context(job))
+        G = m.group_scores(s["images"], s["cond"])
     return G, torch.searchsorted(classes, s["labels"]), unlearn_seconds(m.paths), int(s["num_attrib"])
 
 
-def sweep_main(argv):
-    from mucs.cli import Parser
+def sweep_variants(variants, fn_out=None):
+    """scripts/guda_sweep.py: the label proxy (and LOGO's Top-1 and MRR where it is done) of each variant, a
+    (name, config) pair; the table in <plots>/<fn_out>/guda_sweep.csv, printed."""
     from mucs.ranking import agreement
-    from mucs.stages import Job
 
-    p = Parser(prog="guda_sweep.py", description="GUDA settings compared on one run's gpre samples by the label "
-               "proxy: how often a sample's own class is its top group, and its mean rank; where the run's LOGO is "
-               "done, also Top-1 and MRR against LOGO on the targets. Extra key=value arguments are overrides.")
-    p.add_argument("--job", default="digits_dit_edm")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--variants", required=True, help="';'-separated variants, each space-separated overrides, e.g. "
-                   "'attrib.alpha=0.03;attrib.alpha=1.0 attrib.epochs=50'")
-    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
-    args, rest = p.parse_overrides(argv)
     rows = []
-    for v in [v.strip() for v in args.variants.split(";")]:
-        job = Job(C.compose([f"job={args.job}", f"seed={args.seed}", "attrib=guda"] + rest + v.split()))
+    for name, cfg in variants:
+        job = Job(cfg)
         G, own, unlearn_s, n = sweep(job)
         rank = 1 + (G > G.gather(1, own[:, None])).sum(1).double()
         hit = (G.argmax(1) == own).double()
-        row = dict(variant=v or "(defaults)", own_top1_targets=hit[:n].mean().item(),
+        row = dict(variant=name or "(defaults)", own_top1_targets=hit[:n].mean().item(),
                    own_rank_targets=rank[:n].mean().item(), own_top1_controls=hit[n:].mean().item(),
                    own_rank_controls=rank[n:].mean().item(), own_top1_all=hit.mean().item(), unlearn_s=unlearn_s)
         lf = logo_dir(job.cfg)
@@ -293,7 +272,7 @@ def sweep_main(argv):
         print(f"[guda_sweep] {row['variant']}: own class first for {row['own_top1_all']:.3f} of {len(G)} samples",
               flush=True)
     table = pd.DataFrame(rows)
-    out = Path(job.cfg.paths.plots) / (args.fn_out or f"guda_sweep_{C.run_name(job.cfg)}")
+    out = Path(job.cfg.paths.plots) / (fn_out or f"guda_sweep_{C.run_name(job.cfg)}")
     with atomic_path(out / "guda_sweep.csv") as tmp:
         table.to_csv(tmp, index=False)
     print(f"\nGUDA variants on {C.run_name(job.cfg)} ({G.shape[1]} groups, chance {1 / G.shape[1]:.3f}); LOGO columns "
@@ -301,3 +280,9 @@ def sweep_main(argv):
     print(table.to_string(index=False, float_format="{:.3f}".format))
     print(f"\n[guda_sweep] table in {out}")
     return 0
+
+
+add(Stage("logo", run_logo, (LOGO,), logo_inputs,
+          TRAINED + ("groups", "sample", "num_attrib", "control_factor", "targets", "use_last_ckpt") + MADE + SCORED,
+          kind="logo", sharded=True, data_parallel=True, clear=clear_logo,
+          units=lambda j: group_units(len(load_groups(j.cfg.groups, j.train_split, j.meta)))))

@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn.functional as F_
 
-from mucs.diffusion import build_precond
+from mucs.diffusion import PRECONDS
 from mucs.errors import UserError
 from mucs.io import load_tensors, save_tensors
 from mucs.nets import build_net
@@ -28,6 +28,18 @@ def build_denoiser(model_cfg, meta, device=None):
                         in_channels=meta["channels"], out_channels=meta["channels"],
                         label_dim=label_dim(model_cfg, meta), augment_dim=model_cfg.augment_dim)
     return build_precond(net, model_cfg.precond)
+
+
+def build_precond(net, cfg):
+    """A preconditioner from the model config's `precond` block."""
+    kw = dict(cfg)
+    kind = kw.pop("kind")
+    if kind == "ddpm":  # a diffusers scheduler's discrete-time parametrisation
+        from mucs.diffusers_adapter import DDPMPrecond
+        return DDPMPrecond(net, **kw)
+    if kind not in PRECONDS:
+        raise ValueError(f"unknown preconditioner {kind!r}; choose from {sorted(PRECONDS) + ['ddpm']}")
+    return PRECONDS[kind](net, **kw)
 
 
 def labels_of(split, model_cfg, meta, caption=None):

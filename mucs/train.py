@@ -18,6 +18,7 @@ from mucs.distributed import World, data_parallel
 from mucs.errors import UserError
 from mucs.io import torch_load, torch_save, write_text
 from mucs.model import build_denoiser, clone, export_diffusers, labels_of, load_weights, save_weights
+from mucs.precision import autocast, numerics
 
 STATE = "train-state.pt"
 
@@ -99,12 +100,13 @@ def validation_loss(D, split, meta, model_cfg, seed, device, n_items=512, batch=
     return world.sum(total) / n
 
 
-def run_key(cfg, split, init=None):
-    """What a training state belongs to: the model and recipe settings, the seed, the training items and the
-    initial weights (a fine-tune's)."""
+def run_key(cfg, split, device, init=None):
+    """What a training state belongs to: the model and recipe settings, the seed, the training items, the numerics
+    it trains under and the initial weights (a fine-tune's)."""
     from mucs.config import hash_settings, sections
     from mucs.io import file_hash
-    key = dict(sections(cfg, "model", "train", "seed"), ids=split.ids.tolist())
+    key = dict(sections(cfg, "model", "train", "seed"), ids=split.ids.tolist(),
+               numerics=numerics(device, cfg.precision.autocast))
     if init is not None:
         key["init"] = file_hash(init)
     return hash_settings(key)
@@ -112,11 +114,6 @@ def run_key(cfg, split, init=None):
 
 def lr_at(step, cfg):
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
-def autocast(device, precision):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, None)
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", world=World(), init=None):
@@ -140,12 +137,12 @@ def train(cfg, split, val_split, meta, out_dir, device="cpu", desc="train", worl
     opt = torch.optim.AdamW(D.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.get("beta1", 0.9), 0.999),
                             eps=1e-8)
     step, best, since_best, log, running = 0, math.inf, 0, [], []
-    state_path, key = out_dir / STATE, run_key(cfg, split, init)
+    state_path, key = out_dir / STATE, run_key(cfg, split, device, init)
     if state_path.exists():
         st = torch_load(state_path, what="training state", hint="rerun the training stage")
         if not isinstance(st, dict) or st.get("key", key) != key:
-            raise UserError(f"{state_path} is the state of another training run (other settings or training items); "
-                            f"rerun with --force to start over")
+            raise UserError(f"{state_path} is the state of another training run (other settings, training items or "
+                            f"numerics: device, precision); rerun with --force to start over")
         try:
             D.load_state_dict(st["model"])
             ema.load_state_dict(st["ema"])

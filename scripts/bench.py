@@ -17,7 +17,6 @@ The machine may be shared: every ratio is measured within this run with what is 
 repeated (the fraction of peak pairs each evaluation round with a peak measurement right before it), and
 medians are reported. Writes bench.json and bench.md to pointer_to/plots/bench/ (or --out).
 """
-import argparse
 import json
 import os
 import resource
@@ -37,14 +36,15 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses
-from mucs.cli import guard
-from mucs.config import REPO, compose, post_dir, pre_dir
+from mucs.cli import Parser, guard
+from mucs.config import REPO, compose, num_removal, post_dir, pre_dir
 from mucs.data import write_dataset
 from mucs.diffusion import per_sample_loss
 from mucs.errors import UserError
 from mucs.io import write_json, write_text
 from mucs.model import build_denoiser
 from mucs.stages import ORDER, Job, attrib_context, targets_of
+from mucs.validate import check_device
 
 PIPELINE = REPO / "pipeline.py"
 
@@ -67,9 +67,9 @@ def timed(fn, device="cpu"):
     return time.perf_counter() - t0, out
 
 
-def matmul_peak(device, n=2048, reps=5):
-    """The fp32 matmul peak in GFLOP/s: the best of `reps` n^3 matmuls after a warm-up."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, n=2048, reps=5, dtype=torch.float32):
+    """The matmul peak in GFLOP/s (fp32 by default; bf16 on CUDA): the best of `reps` n^3 matmuls after a warm-up."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     return max(2 * n ** 3 / timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
 
@@ -171,6 +171,65 @@ def compare(m, x, labels, index, num_attrib, device):
                 spearman_min=min((r["spearman"] for r in rows if r["spearman"] is not None), default=None))
 
 
+def adaptive_compare(m, x, labels, index, device):
+    """Per target, exact MUCS and attrib.adaptive (interleaved; both run the same seeded unlearning): unlearning
+    and evaluation seconds, forward passes of the evaluation, the items evaluated on each pass, and the recall of
+    the exact top num_removal by the adaptive top num_removal."""
+    m.prepare()
+    ma = MUCS(OmegaConf.merge(m.cfg, {"adaptive": True}), m.ctx)
+    ma.__dict__.update({k: v for k, v in vars(m).items() if k != "cfg"})  # the prepared job-wide quantities
+    k = num_removal(m.ctx.cfg)
+    top = lambda s: set(torch.argsort(s, descending=True, stable=True)[:k].tolist())  # noqa: E731
+    rows = []
+    for i, t in enumerate(index):
+        x_g, y_g = x[t: t + 1].to(device), None if labels is None else labels[t: t + 1].to(device)
+        out = {}
+        for which in (("exact", "adaptive") if i % 2 == 0 else ("adaptive", "exact")):
+            s, info = (m if which == "exact" else ma).score(x_g, y_g, torch.tensor([t]))
+            out[which] = (s[0], info[0])
+        (se, ie), (sa, ia) = out["exact"], out["adaptive"]
+        rows.append(dict(target=t, unlearn_s=ie["unlearn_s"], exact_eval_s=ie["eval_s"], adaptive_eval_s=ia["eval_s"],
+                         exact_passes=ie["forward_passes"], adaptive_passes=ia["forward_passes"],
+                         recall=len(top(se) & top(sa)) / k, evaluated=ia["evaluated"]))
+    med = lambda f: round(statistics.median(f(r) for r in rows), 2)  # noqa: E731
+    return dict(k=k, items=len(m.X), noises=len(m.sigmas), blocks=int(ma.cfg.adaptive_blocks), targets=rows,
+                recall_min=min(r["recall"] for r in rows), recall_mean=round(statistics.mean(r["recall"] for r in rows), 4),
+                passes_ratio=med(lambda r: r["exact_passes"] / r["adaptive_passes"]),
+                eval_time_ratio=med(lambda r: r["exact_eval_s"] / max(r["adaptive_eval_s"], 1e-9)))
+
+
+def bf16_agreement(m, x, labels, index, device):
+    """CUDA only: MUCS with the loss evaluation in bf16 (attrib.eval_autocast=bf16) against fp32, per target: the
+    Spearman correlation of the two score vectors and the overlap of their top num_removal; evaluation seconds;
+    the bf16 and fp32 matmul peaks and the run's peak GPU memory."""
+    m.prepare()
+    mb = MUCS(OmegaConf.merge(m.cfg, {"eval_autocast": "bf16"}), m.ctx)
+    mb.__dict__.update({k: v for k, v in vars(m).items() if k not in ("cfg", "evaluator")})
+    mb.evaluator = LossEvaluator(m.ctx.D, mb.cfg, device)
+    k, rows = num_removal(m.ctx.cfg), []
+    torch.cuda.reset_peak_memory_stats()
+    for t in index:
+        x_g, y_g = x[t: t + 1].to(device), None if labels is None else labels[t: t + 1].to(device)
+        (s32, i32), (s16, i16) = m.score(x_g, y_g, torch.tensor([t])), mb.score(x_g, y_g, torch.tensor([t]))
+        top = lambda s: set(torch.argsort(s[0], descending=True, stable=True)[:k].tolist())  # noqa: E731
+        rows.append(dict(target=t, spearman=round(float(spearmanr(s32[0].numpy(), s16[0].numpy()).statistic), 4),
+                         topk_overlap=len(top(s32) & top(s16)) / k, fp32_eval_s=i32[0]["eval_s"], bf16_eval_s=i16[0]["eval_s"]))
+    return dict(targets=rows, peak_memory_mb=round(torch.cuda.max_memory_allocated() / 2 ** 20),
+                peak_fp32_gflops=round(matmul_peak(device), 1),
+                peak_bf16_gflops=round(matmul_peak(device, dtype=torch.bfloat16), 1))
+
+
+def adaptive_projection(a, n=50_000, M=100):
+    """Evaluation forward passes per target at the published CIFAR-10 scale (n items x M noises) under the same
+    pruning schedule: the fractions of items evaluated on each pass as measured (medians over targets), the
+    noises split into the same number of strided blocks, the last pass taking every remaining noise."""
+    passes = max(len(r["evaluated"]) for r in a["targets"])
+    frac = [statistics.median((r["evaluated"] + [0] * passes)[b] / a["items"] for r in a["targets"]) for b in range(passes)]
+    size = [len(range(b, M, a["blocks"])) for b in range(a["blocks"])]
+    total = sum(n * f * (sum(size[b:]) if b == passes - 1 else size[b]) for b, f in enumerate(frac))
+    return dict(fractions=[round(f, 4) for f in frac], passes=round(total), exact_passes=n * M, ratio=round(n * M / total, 2))
+
+
 def throughput(m, device, rounds, pairs, compile=False):
     """Loss-evaluation throughput of the pre model over `pairs` (item, noise) pairs, each round right after a
     peak measurement: pairs/s, GFLOP/s and fraction of peak (medians over rounds; with `compile`, also the
@@ -265,6 +324,9 @@ def attribution(over, args):
     x, labels = targets_of(job)
     index = list(range(min(args.targets, len(x))))
     res = dict(compare=compare(m, x, labels, index, int(job.cfg.num_attrib), job.device))
+    res["adaptive"] = adaptive_compare(m, x, labels, list(range(min(args.adaptive_targets, len(x)))), job.device)
+    if torch.device(job.device).type == "cuda":
+        res["bf16"] = bf16_agreement(m, x, labels, index, job.device)
     res["throughput"] = throughput(m, job.device, args.rounds, (2 if args.quick else 4) * m.eval_batch, args.compile)
     res["mucs_s_per_target"] = statistics.median(r["fast_s"] for r in res["compare"]["targets"])
     res["train_items"], res["num_noises"] = len(ctx.train), int(job.cfg.attrib.num_noises)
@@ -280,6 +342,9 @@ def paper_scale(res):
     fpp = count_flops(lambda: per_sample_loss(D, x, s, x))
     total = fpp * 50_000 * 100
     out = dict(flops_per_pair=fpp, flops_per_target=total)
+    if "digits" in res["configs"]:
+        out["adaptive"] = adaptive_projection(res["configs"]["digits"]["adaptive"])
+        out["adaptive"]["flops_per_target"] = fpp * out["adaptive"]["passes"]
     if "cifar" in res["configs"]:
         out["cpu_hours_per_target"] = round(total / (res["configs"]["cifar"]["throughput"]["eager"]["gflops"] * 1e9) / 3600, 1)
     return out
@@ -317,6 +382,24 @@ def table(res):
                   for k in ("eager", "compiled") if k in t]
         if "compile_s" in t:
             lines += ["", f"torch.compile: {t['compile_s']} s to compile, {t['compile_speedup']}x the eager throughput"]
+        if "bf16" in r:
+            b = r["bf16"]
+            tf = t["eager"]["gflops"] / 1e3
+            lines += ["", f"CUDA: {tf:.2f} TFLOP/s achieved in fp32 evaluation = {tf * 1e3 / b['peak_fp32_gflops']:.0%} of the "
+                      f"fp32 matmul peak ({b['peak_fp32_gflops'] / 1e3:.1f} TFLOP/s) and {tf * 1e3 / b['peak_bf16_gflops']:.0%} "
+                      f"of the bf16 peak ({b['peak_bf16_gflops'] / 1e3:.1f}); peak memory {b['peak_memory_mb']} MB", "",
+                      "| target | Spearman bf16 vs fp32 | top-k overlap | fp32 eval s | bf16 eval s |", "|---|---|---|---|---|"]
+            lines += [f"| {x['target']} | {x['spearman']} | {x['topk_overlap']:.3f} | {x['fp32_eval_s']} | {x['bf16_eval_s']} |"
+                      for x in b["targets"]]
+        a = r["adaptive"]
+        lines += ["", f"adaptive evaluation (attrib.adaptive, {a['blocks']} blocks) against exact, top {a['k']} of "
+                  f"{a['items']} items x {a['noises']} noises: recall min {a['recall_min']:.3f} (mean "
+                  f"{a['recall_mean']:.3f}), {a['passes_ratio']}x fewer forward passes, {a['eval_time_ratio']}x less "
+                  f"evaluation time (medians)", "",
+                  "| target | unlearning s | exact eval s | adaptive eval s | exact passes | adaptive passes | recall | items per pass |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['target']} | {x['unlearn_s']} | {x['exact_eval_s']} | {x['adaptive_eval_s']} | {x['exact_passes']} | "
+                  f"{x['adaptive_passes']} | {x['recall']:.3f} | {', '.join(map(str, x['evaluated']))} |" for x in a["targets"]]
         lines += [""]
     ps = res.get("paper_scale")
     if ps:
@@ -324,15 +407,22 @@ def table(res):
                   f"{ps['flops_per_target'] / 1e15:.0f} PFLOP per target (50,000 items x 100 noises)"
                   + (f", about {ps['cpu_hours_per_target']} h on this CPU at the CIFAR-sized run's rate"
                      if "cpu_hours_per_target" in ps else ""), ""]
+        if "adaptive" in ps:
+            a = ps["adaptive"]
+            lines += [f"adaptive at that scale (the digits pruning schedule: items per pass {a['fractions']} of all): "
+                      f"{a['passes']:,} forward passes per target instead of {a['exact_passes']:,} ({a['ratio']}x fewer), "
+                      f"{a['flops_per_target'] / 1e15:.0f} PFLOP", ""]
     return "\n".join(lines)
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short training, a subsampled digits job, tiny CIFAR run")
     p.add_argument("--parts", default="peak,digits,cifar", help="comma-separated: peak, digits, cifar")
     p.add_argument("--targets", type=int, help="targets compared against the straightforward loop (default 2; quick 1)")
     p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 5; quick 2)")
+    p.add_argument("--adaptive_targets", type=int, default=20, help="targets of the exact vs adaptive comparison "
+                   "(at most num_attrib; default 20)")
     p.add_argument("--compile", action="store_true", help="also measure attrib.compile (eager vs compiled, interleaved)")
     p.add_argument("--cifar_width", type=int, default=256)
     p.add_argument("--cifar_eval_batch", default="auto")
@@ -346,6 +436,14 @@ def main(argv):
     p.add_argument("--keep", type=Path, help="run folder to keep (default: a temporary one, removed)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the digits job")
     args = p.parse_args(argv)
+    for key in ("targets", "rounds", "threads", "cifar_width"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"--{key}={getattr(args, key)} is not allowed: it must be an integer >= 1")
+    check_device(args.device, "--device")
+    compose(digits_overrides(args, Path("/nonexistent"), args.quick))  # the job's settings, checked before any work
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        compose([f"attrib={m}"])  # an unknown method is refused before any work
     if args.threads:  # this process, and the stages through the environment they inherit
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -378,10 +476,10 @@ def main(argv):
             print("[bench] cifar-sized: stages ...", flush=True)
             over = cifar_overrides(args, root / "cifar")
             res["configs"]["cifar"] = r = dict(stages=pipeline_stages(over, root / "cifar.log"))
-            if args.methods:
-                print(f"[bench] cifar-sized: a of {args.methods} ...", flush=True)
+            if methods:
+                print(f"[bench] cifar-sized: a of {', '.join(methods)} ...", flush=True)
                 job = [o for o in over if not o.startswith("attrib")]  # without MUCS's settings
-                r["methods"] = method_stages(job, args.methods.split(","), root / "cifar.log")
+                r["methods"] = method_stages(job, methods, root / "cifar.log")
             print("[bench] cifar-sized: attribution ...", flush=True)
             r.update(attribution(over, args))
     res["paper_scale"] = paper_scale(res)

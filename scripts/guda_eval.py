@@ -5,8 +5,7 @@
 """
 import sys
 
-from mucs.cli import guard
-from mucs.logo import group_eval_main
+from mucs.cli import group_eval_main, guard
 
 if __name__ == "__main__":
     sys.exit(guard(group_eval_main)())

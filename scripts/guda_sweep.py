@@ -5,8 +5,7 @@
 """
 import sys
 
-from mucs.cli import guard
-from mucs.logo import sweep_main
+from mucs.cli import guard, sweep_main
 
 if __name__ == "__main__":
     sys.exit(guard(sweep_main)())

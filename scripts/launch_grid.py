@@ -5,8 +5,7 @@
 """
 import sys
 
-from mucs.cli import guard
-from mucs.launch import grid_main
+from mucs.cli import grid_main, guard
 
 if __name__ == "__main__":
     sys.exit(guard(grid_main)())

@@ -1,4 +1,4 @@
-"""What the methods' removals are, on finished digits runs (the analysis behind README "Measured on digits").
+"""What the methods' removals are, on finished digits runs (the analysis of docs/results.md, "Why the controls move").
 
 Per seed: items removed; share of each sample's class removed, share of its 10 nearest training items (pixel
 distance to the pre image) removed, and its post similarity (targets, controls);
@@ -7,7 +7,6 @@ entries in >= 3 targets' lists); how typical the removed items are (mean distanc
 training neighbours, share in the densest quartile).
 Usage: python scripts/removal_analysis.py [--methods=random,pixel,mucs] [--seeds=1,2,3] [key=value ...]
 """
-import argparse
 import sys
 
 import numpy as np
@@ -17,19 +16,21 @@ from scipy.stats import spearmanr
 
 from mucs import config as C, stages as S
 from mucs.attrib.base import load_attrib
-from mucs.cli import guard
+from mucs.cli import Parser, guard, parse_list
 from mucs.errors import UserError
 from mucs.io import load_tensors
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="removal_analysis.py", description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="random,pixel,mucs")
     ap.add_argument("--seeds", default="1,2,3")
-    args, over = ap.parse_known_args(argv)
+    args, over = ap.parse_overrides(argv)
+    methods = parse_list(args.methods, "methods", C.options("attrib"))
+    cfgs = {seed: C.compose(over + [f"seed={seed}"]) for seed in parse_list(args.seeds, "seeds")}  # checked first
     rows, spec = [], []
-    for seed in map(int, args.seeds.split(",")):
-        job = S.Job(C.compose(over + [f"seed={seed}"]))
+    for seed, cfg in cfgs.items():
+        job = S.Job(cfg)
         tr = job.train_split
         lab, ids = tr.labels.numpy(), tr.ids.numpy()
         X = tr.float_images().flatten(1)
@@ -38,7 +39,7 @@ def main(argv):
         pre = load_tensors(job.pre / "samples.safetensors")
         na, slab = int(pre["num_attrib"]), pre["labels"].numpy()
         near = torch.cdist(pre["images"].flatten(1), X).topk(10, largest=False).indices.numpy()  # [samples, 10]
-        for m in args.methods.split(","):
+        for m in methods:
             post = C.post_dir(job.cfg, m)
             a = load_attrib(post)
             top = a["top_ids"].numpy()

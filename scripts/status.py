@@ -5,8 +5,7 @@
 """
 import sys
 
-from mucs.cli import guard
-from mucs.launch import status_main
+from mucs.cli import guard, status_main
 
 if __name__ == "__main__":
     sys.exit(guard(status_main)())

@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
-from mucs.cli import run_pipeline
-from mucs.evaluate import run_eval
+from mucs.cli import run_eval, run_pipeline
 from mucs.io import file_hash, load_tensor_metadata, save_tensors
 from mucs.lock import LOCK, me
 
@@ -327,3 +326,33 @@ def test_really_full_disk(base, data_root, small_disk):
     code, err = run(case, case.args + args_for(data_root, logs), None)
     assert_refused(case, code, err)
     assert all(snapshot(logs).get(p) == h for p, h in before.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Like with like
+
+
+def test_eval_compares_like_with_like(base, data_root, tmp_path, capsys):
+    """A method that removes another number of ids per target than random, or whose union is over other targets,
+    is refused in one line naming both; --allow_unequal evaluates it and the table marks it."""
+    logs = tmp_path / "logs"
+    shutil.copytree(base, logs)
+    targets = tmp_path / "targets.safetensors"
+    save_tensors(targets, dict(images=torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1))
+    over = args_for(data_root, logs)
+    assert run_pipeline(["--what=a,tpost,gpost", "--attrib=pixel", "num_removal=7"] + over) == 0
+    assert run_pipeline(["--what=a,tpost,gpost", "--attrib=random2", f"targets={targets}"] + over) == 0
+    ev = [f"--jobs={RUN}", f"--logs={logs}", "--no_plots", "--metrics=mse"] + [a for a in over if "paths." in a]
+    for methods, words in (("random,pixel", "pixel removes 7 ids per target in digits_dit_edm_s1_k2.0_na3_sb0, "
+                                            "random 10"),
+                           ("random,random2", f"random2's union in {RUN} is over 3 targets {targets}, random's over "
+                                              f"3 gpre targets")):
+        case = Case("unequal", [], words, tool="eval")
+        assert_refused(case, *run(case, ev + [f"--methods={methods}"], capsys))
+    capsys.readouterr()
+    assert run_eval(ev + ["--methods=random,pixel,random2", "--allow_unequal", "--fn_out=unequal"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel *" in out and "random2 *" in out and "* not like with like (--allow_unequal): pixel removes 7" in out
+    import pandas as pd
+    summary = pd.read_csv(tmp_path / "plots" / "unequal" / "summary.csv").fillna("")
+    assert set(summary[summary.unequal != ""].method) == {"pixel", "random2"}

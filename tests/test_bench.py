@@ -107,6 +107,20 @@ def test_compiled_evaluation_matches_eager_with_one_graph(tiny_job):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
 
 
+def test_adaptive_comparison_and_its_projection(tiny_job):
+    """The exact vs adaptive rows: the same unlearning, fewer passes for the adaptive run, recall in [0, 1]; and
+    the projection of the pruning schedule to the published scale on hand-made fractions."""
+    _, job, m = tiny_job
+    x, labels = targets_of(job)
+    a = bench.adaptive_compare(m, x, labels, [0], "cpu")
+    row = a["targets"][0]
+    assert row["exact_passes"] == len(m.X) * len(m.sigmas) >= row["adaptive_passes"] > 0
+    assert 0 <= row["recall"] <= 1 and row["evaluated"][0] == len(m.X) and a["k"] == 10
+    # 4 blocks of 100 noises (25 each), half the items on pass 2, a tenth on pass 3 (the last: 50 noises)
+    p = bench.adaptive_projection(dict(items=10, blocks=4, targets=[dict(evaluated=[10, 5, 1])]), n=1000, M=100)
+    assert p["passes"] == 1000 * 25 + 500 * 25 + 100 * 50 and p["ratio"] == round(100_000 / 42_500, 2)
+
+
 def test_method_stages_time_other_methods_and_read_their_logs(tiny_job, tmp_path):
     over = [o for o in tiny_job[0] if not o.startswith("attrib")] + ["attrib.num_draws=2"]
     res = bench.method_stages(over, ["ekfac"], tmp_path / "log")

@@ -9,11 +9,10 @@ from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DiTTransforme
 from safetensors.torch import load_file
 
 from mucs import config as C
-from mucs.cli import run_pipeline
+from mucs.cli import run_eval, run_pipeline
 from mucs.diffusers_adapter import DDPMPrecond, DiffusersNet, make_scheduler, scheduler_sampler
 from mucs.diffusion import SeedGenerators, heun_sampler, per_sample_loss
 from mucs.errors import UserError
-from mucs.evaluate import run_eval
 from mucs.model import build_denoiser
 
 DIGITS = dict(resolution=8, channels=1, cond="class", num_classes=10, cond_dim=0)
@@ -189,6 +188,12 @@ def test_five_stages_every_method_and_a_loadable_diffusers_folder(ddpm_run, tmp_
     job = pre.name.removesuffix("--pre")
     assert run_eval([f"--jobs={job}", "--methods=random,pixel,mucs", f"--logs={tmp_path / 'logs'}",
                      "--metrics=ssim,mse", "--fn_out=t"] + [o for o in ddpm_run if o.startswith("paths.")]) == 0
+    assert "mucs" in capsys.readouterr().out
+    # LDS on the same run: its subset models are diffusers models too, each exported
+    lds = ["lds.num_subsets=2", "lds.num_seeds=1", "lds.steps=8", "lds.num_noises=4", "lds.bootstrap=50"]
+    assert run_pipeline(["--what=lds"] + lds + ddpm_run) == 0
+    units = sorted((tmp_path / "logs" / f"{job}--lds").glob("m*_s*"))
+    assert len(units) == 2 and all((u / "diffusers" / "unet" / "config.json").exists() for u in units)
     assert "mucs" in capsys.readouterr().out
 
 

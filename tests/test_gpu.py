@@ -71,3 +71,18 @@ def test_nccl_two_gpus_match_one(tiny):
     b = torch.load(logs / "two" / RUN / "train-state.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_bench_bf16_agreement_and_diffusers_on_cuda(tiny, tmp_path):
+    """bench's bf16 vs fp32 comparison runs on CUDA and agrees closely; a diffusers run trains and samples on CUDA."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    from mucs.attrib.mucs import MUCS
+    assert run_pipeline(["--what=tpre,gpre"] + tiny) == 0
+    job = S.Job(C.compose(tiny + ["attrib=mucs", "attrib.max_steps=3"]))
+    m = MUCS(job.cfg.attrib, S.attrib_context(job))
+    x, labels = S.targets_of(job)
+    b = bench.bf16_agreement(m, x, labels, [0], job.device)
+    assert b["targets"][0]["spearman"] > 0.9 and b["peak_bf16_gflops"] > 0 and b["peak_memory_mb"] > 0
+    ddpm = ["job=digits_ddpm"] + [o for o in tiny if o.startswith(("paths.", "train.", "num_attrib", "control"))]
+    assert run_pipeline(["--what=tpre,gpre", "sample.num_steps=4"] + ddpm) == 0

@@ -11,13 +11,13 @@ from omegaconf import OmegaConf
 
 from mucs.attrib.base import load_attrib
 from mucs.attrib.guda import GUDA, group_delbo, redirect_target
-from mucs.cli import guard, run_pipeline
+from mucs.cli import group_eval_main, guard, run_pipeline, sweep_main
 from mucs.config import compose
 from mucs.data import build_digits, ensure_dataset, load_split, write_dataset
 from mucs.errors import UserError
 from mucs.groups import collapse, expand, load_groups
 from mucs.io import file_hash, load_tensor_metadata, save_tensors
-from mucs.logo import group_eval_main, load_logo
+from mucs.logo import load_logo
 from mucs.model import labels_of
 from mucs.stages import Job, attrib_context
 
@@ -245,7 +245,6 @@ def test_sweep_label_proxy_matches_the_a_stage(tiny, tmp_path, capsys):
     """scripts/guda_sweep.py's own-class proxy on the targets agrees with the top groups `a` logs for the same
     settings (which reuses the sweep's cached unlearned models); a job whose groups are not its classes is refused."""
     from mucs.generate import load_samples
-    from mucs.logo import sweep_main
     fast = FAST + ["attrib.pairs=16", "attrib.batch=16"]
     assert run_pipeline(["--what=tpre,gpre"] + tiny) == 0
     sweep = guard(sweep_main)

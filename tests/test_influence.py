@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import functional_call
 
 from mucs.attrib.base import Context, get_method
-from mucs.cli import run_pipeline
+from mucs.cli import run_eval, run_pipeline
 from mucs.config import compose, post_dir
-from mucs.diffusion import EDMPrecond, ladder_at
+from mucs.diffusion import EDMPrecond, fixed_noise_generator, ladder_at
 from mucs.errors import UserError
 from mucs.io import save_tensors
 from mucs.model import save_weights
@@ -50,7 +50,8 @@ def linear_method(tmp_path, n=400, sigma=None, *over):
     (tmp_path / "pre").mkdir(exist_ok=True)
     save_weights(tmp_path / "pre" / "model-best.safetensors", D)
     cfg = compose(["model.conditional=false", "attrib.batch=512"] + list(over))
-    train = SimpleNamespace(float_images=lambda: X, ids=torch.arange(n), labels=torch.zeros(n, dtype=torch.long))
+    train = SimpleNamespace(float_images=lambda: X, images=X, ids=torch.arange(n), labels=torch.zeros(n, dtype=torch.long),
+                            conds=None)
     ctx = Context(cfg, D, train, dict(cond="none", num_classes=0), "cpu", tmp_path / "pre", tmp_path / "post")
     m = get_method(cfg.attrib.name)(cfg.attrib, ctx)
     m.prepare()
@@ -115,7 +116,7 @@ def test_identity_strategy_is_the_gradient_inner_product_of_measurement_and_trai
     else:
         u = torch.linspace(0, 1, 6, dtype=torch.float64)
         s = ladder_at(u, m.ctx.cfg.sample, D)
-        E_m = torch.randn((6, 1, 2, 2), generator=torch.Generator().manual_seed(int(m.cfg.noise_seed) * 7919 + 23))
+        E_m = torch.randn((6, 1, 2, 2), generator=fixed_noise_generator(m.cfg.noise_seed, stream=23))
         # per_sample_loss is lambda(sigma) ||D - x||^2 / P: the ELBO term is its 1/2 (SNR' - SNR) P / lambda multiple
         w = 0.5 * (s[1:] ** -2 - s[:-1] ** -2) * 4 / D.loss_weight(s[:-1])
         f = lambda t: item_losses(D, t, q, s[:-1].float(), E_m[:-1], w.float())  # noqa: E731
@@ -216,8 +217,7 @@ def test_journey_regenerates_each_targets_trajectory_and_keeps_its_step_scores(j
 
 
 def test_through_a_ensemble_lds_eval_and_report(tiny, tmp_path, capsys):
-    from mucs.evaluate import run_eval
-    from mucs.report import write_report
+    from mucs.reporting import write_report
     tiny = [o for o in tiny if not o.startswith("train.steps=")] + ["train.steps=8"]
     for m in ("random", "ekfac", "journey_trak"):
         assert run_pipeline(["--what=tpre,gpre,a,tpost,gpost", f"--attrib={m}"] + FAST.get(m, []) + tiny) == 0, m

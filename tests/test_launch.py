@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY
+from mucs import cli
 from mucs import config as C
 from mucs import launch as L
+from mucs import slurm_status as SS
 from mucs.attrib.base import blocks
 from mucs.cli import run_pipeline
 from mucs.errors import UserError
@@ -40,15 +42,15 @@ def test_grid_shares_pre_stages_between_methods():
         assert first < units.index(u)
     only_post = L.plan_grid(["j1"], ["mucs"], [3], ["a", "gpost"])
     assert only_post == [L.Unit("j1", 3, "mucs", ("a", "gpost"), False)]
-    assert L.parse_list("1-3,5", "seeds") == [1, 2, 3, 5]
+    assert cli.parse_list("1-3,5", "seeds") == [1, 2, 3, 5]
     with pytest.raises(UserError, match="unknown nope"):
-        L.parse_list("random,nope", "methods", C.options("attrib"))
+        cli.parse_list("random,nope", "methods", C.options("attrib"))
 
 
 def test_grid_dry_run_prints_the_grid_and_submits_nothing(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(L, "make_executor", lambda *a: pytest.fail("a dry run submitted"))
-    assert L.grid_main(["--jobs=digits_dit_edm", "--methods=random,pixel", "--seeds=1,2", "--dry_run",
-                        "--num_attrib=5", f"paths.logs={tmp_path}"]) == 0
+    assert cli.grid_main(["--jobs=digits_dit_edm", "--methods=random,pixel", "--seeds=1,2", "--dry_run",
+                          "--num_attrib=5", f"paths.logs={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "2 + 4 submissions" in out
     assert out.count("tpre,gpre") == 2 and out.count("a,tpost,gpost  after pre") == 4
@@ -104,8 +106,8 @@ def fake_slurm(monkeypatch):
     FakeExecutor.submitted.clear()
     states = {}
     monkeypatch.setattr(L, "make_executor", FakeExecutor)
-    monkeypatch.setattr(L, "slurm_states", lambda ids: {j: s for j, s in states.items()
-                                                         if j.split("_")[0] in {i.split("_")[0] for i in ids}})
+    monkeypatch.setattr(SS, "slurm_states", lambda ids: {j: s for j, s in states.items()
+                                                          if j.split("_")[0] in {i.split("_")[0] for i in ids}})
     return FakeExecutor.submitted, states
 
 
@@ -114,19 +116,21 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     assert run_pipeline(["--launcher=slurm", "--attrib=mucs", "launcher.a_shards=5",
                          "launcher.stages.tpost.timeout_min=7"] + tiny) == 0
     out = capsys.readouterr().out
-    by = {(s["call"].stage, s["call"].shard): s for s in submitted}
-    assert len(submitted) == 1 + 1 + 3 + 1 + 1 + 1
+    by = {(s["call"].stage, "prepare" if s["call"].prepare else s["call"].shard): s for s in submitted}
+    assert len(submitted) == 1 + 1 + 1 + 3 + 1 + 1 + 1  # a: the shared work, 3 shards, the merge
     dep = lambda key: by[key].get("slurm_dependency")
     t, g = by["tpre", (0, 1)]["id"], by["gpre", (0, 1)]["id"]
     assert dep(("tpre", (0, 1))) is None and dep(("gpre", (0, 1))) == f"afterok:{t}"
+    assert by["a", "prepare"]["id"] == "102" and dep(("a", "prepare")) == f"afterok:{t}:{g}"  # MUCS's L_orig, once
     shards = [by["a", (i, 3)] for i in range(3)]
-    assert [s["id"] for s in shards] == ["102_0", "102_1", "102_2"]
-    assert all(s["slurm_dependency"] == f"afterok:{t}:{g}" for s in shards)
-    assert dep(("a", (-1, 3))) == "afterok:102" and "gpus_per_node" not in by["a", (-1, 3)]  # merge after the array
+    assert [s["id"] for s in shards] == ["103_0", "103_1", "103_2"]
+    assert all(s["slurm_dependency"] == "afterok:102" for s in shards)
+    assert dep(("a", (-1, 3))) == "afterok:103" and "gpus_per_node" not in by["a", (-1, 3)]  # merge after the array
     merge = by["a", (-1, 3)]["id"]
     assert dep(("tpost", (0, 1))) == f"afterok:{merge}" and by["tpost", (0, 1)]["timeout_min"] == 7
     assert dep(("gpost", (0, 1))) == f"afterok:{by['tpost', (0, 1)]['id']}:{g}"
-    assert f"tpre  job {t}" in out and "jobs 102_[0-2] (3 shards) + merge" in out and f"{RUN}--slurm" in out
+    assert f"tpre  job {t}" in out and "prepare 102 + jobs 103_[0-2] (3 shards) + merge" in out
+    assert f"{RUN}--slurm" in out
     assert "a_shards=5 capped to 3: mucs scores its 3 targets in batches of 1" in out
     call = by["tpre", (0, 1)]["call"]
     assert call.overrides[-1] == "launcher=local" and not any("a_shards" in o for o in call.overrides)
@@ -139,21 +143,22 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
 
     logs = Path(next(o for o in tiny if o.startswith("paths.logs=")).split("=", 1)[1])
     # status: live jobs pending/running, a failed one names its log, a never-started dependant is cancelled
-    states.update({t: "COMPLETED", g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
-    rows = {(r["kind"], r["stage"]): r for r in L.status(logs, "sb0")}
+    states.update({t: "COMPLETED", g: "RUNNING", "102": "PENDING", "103_0": "PENDING", "103_[1-2]": "PENDING",
+                   merge: "PENDING"})
+    rows = {(r["kind"], r["stage"]): r for r in SS.status(logs, "sb0")}
     assert [rows["pre", s]["status"] for s in ("tpre", "gpre")] == ["failed", "running"]  # completed, no manifest
     assert rows["post_mucs", "a"]["status"] == "pending"
     log = Path(logs / f"{RUN}--slurm" / f"{g}_0_log.err")
     log.write_text("Traceback ...\nUserError: boom\n")
-    states.update({g: "FAILED", "102_0": "CANCELLED", "102_[1-2]": "CANCELLED", merge: "CANCELLED"})
-    rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+    states.update({g: "FAILED", "102": "CANCELLED", "103_0": "CANCELLED", "103_[1-2]": "CANCELLED", merge: "CANCELLED"})
+    rows = {(r["kind"], r["stage"]): r for r in SS.status(logs)}
     assert rows["pre", "gpre"]["status"] == "failed" and rows["pre", "gpre"]["log"] == log
     assert rows["post_mucs", "a"]["status"] == "cancelled" and rows["post_mucs", "a"]["log"] is None
-    assert L.status(logs, "no-such-run") == []
+    assert SS.status(logs, "no-such-run") == []
 
     # a second submission waits for live jobs of earlier ones instead of submitting their stages again
     submitted.clear()
-    states.update({g: "RUNNING", "102_0": "PENDING", "102_[1-2]": "PENDING", merge: "PENDING"})
+    states.update({g: "RUNNING", "102": "PENDING", "103_0": "PENDING", "103_[1-2]": "PENDING", merge: "PENDING"})
     assert run_pipeline(["--launcher=slurm", "--attrib=mucs", "--what=a,tpost"] + tiny) == 0
     assert [(s["call"].stage, s.get("slurm_dependency")) for s in submitted] == [("tpost", f"afterok:{merge}")]
     assert "already queued as job" in capsys.readouterr().out
@@ -163,6 +168,33 @@ def test_dependency_wiring_records_and_status(tiny, fake_slurm, capsys):
     assert [(s["call"].stage, s.get("slurm_dependency")) for s in submitted] == [("a", f"afterok:{t}:{g}")]
     with pytest.raises(UserError, match="needs .*post_pixel/model-best.safetensors, which is missing; run --what=tp"):
         L.submit_stages(C.compose(tiny + ["launcher=slurm", "attrib=pixel"]), ["gpost"], tiny)
+
+
+MUCS = ["--attrib=mucs", "attrib.num_noises=8", "attrib.null_batches=2", "attrib.max_steps=2"]
+
+
+def test_shared_work_runs_once_before_the_shards(tiny, fake_slurm, capsys):
+    """The calls of a sharded MUCS `a`, run in order as the prepare job, the array and the merge would: L_orig and
+    L_null are computed by the prepare job alone, and no array job waits for it without depending on it."""
+    submitted, _ = fake_slurm
+    assert run_pipeline(["--what=tpre,gpre"] + tiny) == 0
+    capsys.readouterr()
+    assert run_pipeline(["--launcher=slurm", "--what=a", "launcher.a_shards=3"] + MUCS + tiny) == 0
+    calls = [s["call"] for s in submitted]
+    assert [(c.prepare, c.shard) for c in calls] == [(True, (0, 3)), (False, (0, 3)), (False, (1, 3)), (False, (2, 3)),
+                                                     (False, (-1, 3))]
+    printed = []
+    for c in calls:
+        c()
+        printed.append(capsys.readouterr().out)
+    assert "computing mucs-L_orig" in printed[0] and "computing mucs-L_null" in printed[0]
+    assert not any("computing" in out for out in printed[1:])
+    logs = Path(next(o for o in tiny if o.startswith("paths.logs=")).split("=", 1)[1])
+    assert (logs / f"{RUN}--post_mucs" / "a.manifest.json").exists()
+    submitted.clear()  # a method without shared work gets no prepare job
+    assert run_pipeline(["--launcher=slurm", "--what=a", "--attrib=pixel", "targets=" + str(logs / f"{RUN}--pre" /
+                         "samples.safetensors"), "launcher.a_shards=2"] + tiny) == 0
+    assert [c["call"].prepare for c in submitted] == [False, False, False]
 
 
 def test_logo_and_lds_run_as_arrays_of_shards(tiny, fake_slurm, capsys):
@@ -201,7 +233,9 @@ def test_logo_and_lds_run_as_arrays_of_shards(tiny, fake_slurm, capsys):
 # ---------------------------------------------------------------------------------------------
 # On the real local cluster
 
-ONE_THREAD = 'launcher.setup=["export OMP_NUM_THREADS=1"]'
+ROOT = Path(__file__).resolve().parent.parent
+# one torch thread, and this checkout's mucs in the jobs (a shared venv's editable install may point to another)
+ONE_THREAD = f'launcher.setup=["export OMP_NUM_THREADS=1","export PYTHONPATH={ROOT}"]'
 CLUSTER = ["--launcher=slurm", "launcher.partition=debug", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1",
            "launcher.mem_gb=1", "launcher.timeout_min=5", ONE_THREAD]
 TERMINAL = ("done", "failed", "cancelled")
@@ -233,7 +267,7 @@ def local_ref(tmp_path_factory, data_root):
 def settle(cluster, logs, stages, timeout=150):
     """Poll the status command until every (kind, stage) in `stages` is done, failed or cancelled."""
     def ready():
-        rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+        rows = {(r["kind"], r["stage"]): r for r in SS.status(logs)}
         return rows if all(k in rows and rows[k]["status"] in TERMINAL for k in stages) else None
     return cluster.wait_until(ready, timeout=timeout, interval=0.5, what=f"stages {stages} in {logs} to finish")
 
@@ -279,10 +313,33 @@ def test_sharded_attribution_equals_unsharded(slurm_cluster, local_ref, tmp_path
     rows = settle(slurm_cluster, logs, [("post_pixel", "a")])
     assert rows["post_pixel", "a"]["status"] == "done", rows
     same_files(logs / f"{RUN}--post_pixel", tmp_path / "local" / f"{RUN}--post_pixel", ("attrib.safetensors",))
-    rec = L.read_records(logs / f"{RUN}--slurm")["post_pixel", "a"]
+    rec = SS.read_records(logs / f"{RUN}--slurm")["post_pixel", "a"]
     assert len(rec["jobs"]) == 4 and len({j.split("_")[0] for j in rec["jobs"][:3]}) == 1  # one array + merge
     completed = lambda: all(r["State"] == "COMPLETED" for j in rec["jobs"] for r in slurm_cluster.sacct(j))
     slurm_cluster.wait_until(completed, timeout=30, what="the shard and merge jobs to be COMPLETED in accounting")
+
+
+@pytest.mark.slurm
+def test_mucs_array_computes_shared_work_once_and_equals_local_run(slurm_cluster, local_ref, tmp_path, data_root):
+    """A 3-shard MUCS array: its prepare job computes L_orig once (counted in the logs of every job of the stage),
+    the shards read it, and the merged attribution equals an unsharded local run's, bit for bit."""
+    for name in ("local", "logs"):
+        shutil.copytree(local_ref / f"{RUN}--pre", tmp_path / name / f"{RUN}--pre")
+    with one_thread():
+        assert run_pipeline(["--what=a"] + MUCS + over(tmp_path / "local", data_root)) == 0
+    logs = tmp_path / "logs"
+    assert run_pipeline(["--what=a", "launcher.a_shards=3"] + MUCS + CLUSTER + over(logs, data_root)) == 0
+    rows = settle(slurm_cluster, logs, [("post_mucs", "a")], timeout=300)
+    assert rows["post_mucs", "a"]["status"] == "done", rows
+    same_files(logs / f"{RUN}--post_mucs", tmp_path / "local" / f"{RUN}--post_mucs", ("attrib.safetensors",))
+    rec = SS.read_records(logs / f"{RUN}--slurm")["post_mucs", "a"]
+    prep, *array, merge = rec["jobs"]
+    assert len(array) == 3 and len({j.split("_")[0] for j in array}) == 1 and prep not in array
+    logs_out = {p.name: p.read_text() for p in (logs / f"{RUN}--slurm").glob("*_log.out")}
+    assert len(logs_out) == 5, sorted(logs_out)  # prepare, 3 shards, merge
+    computed = [name for name, text in logs_out.items() if "computing mucs-L_orig" in text]
+    assert computed == [f"{prep}_0_log.out"], computed
+    assert all("[a] shared work done" not in text for name, text in logs_out.items() if name != computed[0])
 
 
 @pytest.mark.slurm
@@ -299,7 +356,7 @@ def test_logo_array_on_slurm_equals_local_run(slurm_cluster, local_ref, tmp_path
     assert rows["logo", "logo"]["status"] == "done", rows
     a, b = (load_file(str(d / f"{RUN}--logo" / "logo.safetensors")) for d in (logs, tmp_path / "local"))
     assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["group_sizes"], b["group_sizes"])  # not the seconds
-    rec = L.read_records(logs / f"{RUN}--slurm")["logo", "logo"]
+    rec = SS.read_records(logs / f"{RUN}--slurm")["logo", "logo"]
     assert len(rec["jobs"]) == 3 and len({j.split("_")[0] for j in rec["jobs"][:2]}) == 1  # one array + merge
 
 
@@ -308,21 +365,21 @@ def test_failing_stage_stops_its_dependants_and_status_names_the_log(slurm_clust
                                                                        capsys):
     logs = tmp_path / "logs"
     shutil.copytree(local_ref / f"{RUN}--pre", logs / f"{RUN}--pre")
-    # more ids to remove than there are training items: the attribution job raises
-    assert run_pipeline(["--what=a,tpost,gpost", "--attrib=pixel", "num_removal=100000"] + CLUSTER
+    # an ensemble of scores no method has made yet passes every check at submission; the attribution job raises
+    assert run_pipeline(["--what=a,tpost,gpost", "--attrib=ensemble", "attrib.methods=[pixel]"] + CLUSTER
                         + over(logs, data_root)) == 0
-    stages = [("post_pixel", s) for s in ("a", "tpost", "gpost")]
+    stages = [("post_ensemble", s) for s in ("a", "tpost", "gpost")]
     rows = settle(slurm_cluster, logs, stages)
     assert [rows[k]["status"] for k in stages] == ["failed", "cancelled", "cancelled"], rows
-    log = rows["post_pixel", "a"]["log"]
-    assert "num_removal 100000 is not smaller than the training set" in Path(log).read_text()
+    log = rows["post_ensemble", "a"]["log"]
+    assert "ensemble needs the saved scores of method 'pixel'" in Path(log).read_text()
     for stage in ("tpost", "gpost"):
-        (job,) = L.read_records(logs / f"{RUN}--slurm")["post_pixel", stage]["jobs"]
+        (job,) = SS.read_records(logs / f"{RUN}--slurm")["post_ensemble", stage]["jobs"]
         (row,) = slurm_cluster.sacct(job, "JobID,State,NodeList")
         assert row["State"].startswith("CANCELLED") and row["NodeList"] == "None assigned", row  # never ran
-    assert not (logs / f"{RUN}--post_pixel" / "model-best.safetensors").exists()
+    assert not (logs / f"{RUN}--post_ensemble" / "model-best.safetensors").exists()
     capsys.readouterr()
-    assert L.status_main(["--logs", str(logs), RUN]) == 0
+    assert cli.status_main(["--logs", str(logs), RUN]) == 0
     out = capsys.readouterr().out
     assert f"failed    job {Path(log).name.split('_0_log')[0]} (FAILED): read {log}" in out
     assert "tpost cancelled" in out and "gpost cancelled" in out
@@ -348,28 +405,28 @@ def test_interrupted_training_resumes_with_identical_weights(slurm_cluster, tmp_
     logs = tmp_path / "logs"
     args = ["--what=tpre"] + CLUSTER + over(logs, data_root, *long)
     assert run_pipeline(args) == 0
-    (job,) = L.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
+    (job,) = SS.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
     state = logs / f"{RUN}--pre" / "train-state.pt"
     step = lambda: torch.load(state, weights_only=True)["step"] if state.exists() else 0
     wait = slurm_cluster.wait_until
     wait(lambda: step() > 0, timeout=60, interval=0.1, what="a first training state")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what Slurm sends before a time limit
-    wait(lambda: L.slurm_states([job]).get(job) == "PENDING" and not _steps(job), timeout=30,
+    wait(lambda: SS.slurm_states([job]).get(job) == "PENDING" and not _steps(job), timeout=30,
          what="the requeued job, its first run gone")
     at_requeue = step()
     _scontrol("update", f"JobId={job}", "StartTime=now")  # skip Slurm's 2-minute hold of requeued jobs
     wait(lambda: step() > at_requeue, timeout=60, interval=0.1, what="the requeued job to train on")
     subprocess.run(["scancel", job], check=True)
-    wait(lambda: L.slurm_states([job]).get(job) == "CANCELLED", timeout=60, what="the cancelled job")
+    wait(lambda: SS.slurm_states([job]).get(job) == "CANCELLED", timeout=60, what="the cancelled job")
     at_cancel = step()
     assert 0 < at_cancel < 600 and not (state.parent / "tpre.manifest.json").exists(), "finished before the cancel"
-    rows = {(r["kind"], r["stage"]): r for r in L.status(logs)}
+    rows = {(r["kind"], r["stage"]): r for r in SS.status(logs)}
     assert rows["pre", "tpre"]["status"] == "failed" and "CANCELLED" in rows["pre", "tpre"]["job"]
 
     assert run_pipeline(args) == 0  # the same command again
     rows = settle(slurm_cluster, logs, [("pre", "tpre")])
     assert rows["pre", "tpre"]["status"] == "done", rows
-    (again,) = L.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
+    (again,) = SS.read_records(logs / f"{RUN}--slurm")["pre", "tpre"]["jobs"]
     assert again != job
     assert f"resuming from {state}" in (logs / f"{RUN}--slurm" / f"{again}_0_log.out").read_text()
     same_files(logs / f"{RUN}--pre", tmp_path / "ref" / f"{RUN}--pre", WEIGHTS)

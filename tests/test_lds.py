@@ -152,3 +152,32 @@ def test_lds_grows_in_subsets_seeds_and_queries_training_only_new_models(tiny, c
     assert stamp() == after
     out4 = load_tensors(logs / "digits_dit_edm_s1_k2.0_na4_sb0--lds" / L.OUTPUTS)
     assert out4["f"].shape == (4, 1, 4) and (pd.read_csv(logs / "digits_dit_edm_s1_k2.0_na4_sb0--lds" / L.TABLE).queries == 4).all()
+
+
+def test_units_of_the_layout_before_shared_models_move_over_untrained_and_unmeasured(tiny):
+    """An LDS whose units sit in <run>--lds/m<i>_s<j>/ (the layout before the models were shared, their outputs
+    not named by query set, no training mark): grown by a subset, it moves them into the shared folder and neither
+    trains nor measures them again."""
+    over = tiny + ["lds.num_subsets=3", "lds.num_seeds=1", "lds.steps=8", "lds.num_noises=4", "lds.bootstrap=50"]
+    logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
+    models, d = logs / "digits_dit_edm_s1_sb0--lds-models", logs / f"{RUN}--lds"
+    assert run_pipeline(["--what=tpre,gpre,a", "--attrib=pixel"] + over) == 0
+    assert run_pipeline(["--what=lds"] + over) == 0
+    before = load_tensors(d / L.OUTPUTS)["f"]
+    for u in sorted(models.glob("m*_s*")):
+        [out] = u.glob("lds-output-*.safetensors")
+        out.rename(u / L.UNIT_OUTPUT)
+        (u / L.MODEL).unlink()
+        u.rename(d / u.name)
+    old = {u.name: [(u / f).stat().st_mtime_ns for f in ("model-last.safetensors", L.UNIT_OUTPUT)] for u in d.glob("m*_s*")}
+    assert sorted(old) == ["m0_s0", "m1_s0", "m2_s0"] and not list(models.glob("m*_s*"))
+    grown = [o for o in over if not o.startswith("lds.num_subsets")] + ["lds.num_subsets=4"]
+    assert run_pipeline(["--what=lds"] + grown) == 0
+    assert not list(d.glob("m*_s*"))
+    for name, (weights, output) in old.items():
+        [out] = (models / name).glob("lds-output-*.safetensors")
+        assert (models / name / "model-last.safetensors").stat().st_mtime_ns == weights, name  # not trained again
+        assert out.stat().st_mtime_ns == output, name  # nor measured again
+    after = load_tensors(d / L.OUTPUTS)["f"]
+    assert after.shape == (4, 1, 3) and torch.equal(after[:3], before)
+    assert (models / "m3_s0" / L.MODEL).exists()

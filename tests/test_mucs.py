@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mucs.attrib.mucs import MUCS, item_noise_losses
+from mucs.attrib.mucs import MUCS, instance_weights, item_noise_losses
 from mucs.cli import run_pipeline
 from mucs.config import compose
 from mucs.data import load_split
@@ -83,7 +83,7 @@ def test_cached_pre_losses_equal_fresh_computation(trained):
     job, ctx = context(trained)
     m = MUCS(job.cfg.attrib, ctx)
     m.prepare()
-    files = list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))
+    files = list((ctx.shared_dir / "attrib-cache").glob("mucs-L_orig-*.safetensors"))
     assert files
     again = MUCS(job.cfg.attrib, ctx)
     again.prepare()  # loads the cache
@@ -93,7 +93,7 @@ def test_cached_pre_losses_equal_fresh_computation(trained):
     # the cache key follows the noise settings: another t_sched_infer is another file
     job2, ctx2 = context(trained, "attrib.t_sched_infer=0.5")
     MUCS(job2.cfg.attrib, ctx2).prepare()
-    assert len(list((ctx.shared_dir / "mucs-cache").glob("L_orig-*.safetensors"))) == len(files) + 1
+    assert len(list((ctx.shared_dir / "attrib-cache").glob("mucs-L_orig-*.safetensors"))) == len(files) + 1
 
 
 def test_ablation_switches(trained, planted):
@@ -131,6 +131,34 @@ def test_ablation_switches(trained, planted):
     assert steps[(0.0, 0.05)]["L_gen"] < steps[(0.2, 0.05)]["L_gen"]
 
 
+def test_instance_weighting_switch(trained, planted):
+    """inverse_loss weights each instance by 1 / its loss (mean 1 per half): its gradient is that of the mean
+    log-loss times a constant, it moves the weights differently from the published unweighted objective, and
+    its default (none) is left out of the recorded settings."""
+    L = torch.tensor([0.5, 1.0, 2.0, 4.0], requires_grad=True)
+    w = instance_weights(L)
+    wl = (w * L).detach()  # every instance weighs in with the same product: its relative change counts
+    assert torch.allclose(w.mean(), torch.tensor(1.0)) and torch.allclose(wl, wl[0].expand(4))
+    (w * L).mean().backward()
+    assert not w.requires_grad and torch.allclose(L.grad, w / 4)  # = grad of mean(log L) / mean(1 / L)
+    x, y = target_copy(planted)
+    models = {}
+    for how in ("none", "inverse_loss"):
+        job, ctx = context(trained, "attrib.max_steps=3", f"attrib.instance_weighting={how}")
+        m = MUCS(job.cfg.attrib, ctx)
+        m.prepare()
+        models[how], info = m.unlearn(x, y, 0)
+        assert info["steps"] == 3
+    moved = {n: (p - dict(ctx.D.named_parameters())[n]).abs().max() for n, p in models["none"].named_parameters()}
+    differ = {n: (p - dict(models["none"].named_parameters())[n]).abs().max()
+              for n, p in models["inverse_loss"].named_parameters()}
+    assert max(moved.values()) > 0 and max(differ.values()) > 1e-3 * max(moved.values())
+    from mucs.manifest import settings_of
+    assert "instance_weighting" not in settings_of(compose(trained), ["attrib"])["attrib"]
+    assert settings_of(compose(trained + ["attrib.instance_weighting=inverse_loss"]), ["attrib"])["attrib"][
+        "instance_weighting"] == "inverse_loss"
+
+
 def test_attribution_stage_logs_every_target(trained, planted, tmp_path):
     """The real `a` stage on user-supplied targets (a folder of PNGs): one log row per target."""
     from PIL import Image
@@ -146,3 +174,31 @@ def test_attribution_stage_logs_every_target(trained, planted, tmp_path):
         assert {"stop", "steps", "L_retain", "L_gen", "L_null", "seconds"} <= set(r)
     x, _ = targets_of(job)
     assert torch.allclose(x, te.float_images()[:2])
+
+
+def test_adaptive_evaluation_keeps_the_exact_top_k(tiny):
+    """attrib.adaptive: the candidates get every noise (their scores equal the exact run's), pruned items fewer
+    and rank below them; the noises per item are saved; the top num_removal ids equal the exact ones."""
+    import json
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from mucs.cli import run_pipeline
+
+    logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
+    common = ["--what=tpre,gpre,a", "--attrib=mucs", "attrib.max_steps=3", "job_attrib.mucs.num_noises=16"]
+    assert run_pipeline(common + tiny) == 0
+    post = logs / "digits_dit_edm_s1_k2.0_na3_sb0--post_mucs"
+    exact = load_file(str(post / "attrib.safetensors"))
+    other = [o if not o.startswith("paths.logs=") else f"paths.logs={logs / 'adaptive'}" for o in tiny]
+    assert run_pipeline(common + other + ["attrib.adaptive=true"]) == 0
+    ad_post = logs / "adaptive" / post.name
+    ad = load_file(str(ad_post / "attrib.safetensors"))
+    M = 16
+    assert (exact["noises"] == M).all() and (ad["noises"] <= M).all() and (ad["noises"] < M).any()
+    full = ad["noises"] == M
+    torch.testing.assert_close(ad["scores"][full], exact["scores"][full], rtol=1e-5, atol=1e-6)
+    for t in range(len(ad["scores"])):
+        assert ad["scores"][t][~full[t]].max() < ad["scores"][t][full[t]].min()
+    assert torch.equal(ad["top_ids"], exact["top_ids"])
+    log = [json.loads(line) for line in (ad_post / "attrib_log.jsonl").read_text().splitlines()]
+    assert all(r["forward_passes"] == int(n) for r, n in zip(log, ad["noises"].sum(1)))

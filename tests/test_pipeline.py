@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mucs.cli import run_pipeline
-from mucs.evaluate import run_eval
+from mucs.cli import run_eval, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -125,8 +125,9 @@ def assert_same_outputs(stage, a, b):
             assert ta.keys() == tb.keys() and load_tensor_metadata(pa) == load_tensor_metadata(pb), f"{stage}: {name}"
             assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{stage}: {name} differs from the uninterrupted run"
             assert pa.read_bytes() == pb.read_bytes(), f"{stage}: {name}"
-        elif name.endswith(".jsonl"):  # per-target logs: all but the timing
-            rows = [[{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in p.read_text().splitlines()]
+        elif name.endswith(".jsonl"):  # per-target logs: all but the timings (seconds, unlearn_s, eval_s)
+            rows = [[{k: v for k, v in json.loads(r).items() if k != "seconds" and not k.endswith("_s")}
+                     for r in p.read_text().splitlines()]
                     for p in (pa, pb)]
             assert rows[0] == rows[1], f"{stage}: {name}"
         else:

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from mucs.cli import run_pipeline
-from mucs.evaluate import run_eval
-from mucs.report import run_report
+from mucs.cli import run_eval, run_pipeline
+from mucs.reporting import run_report
 
 RUN = "digits_dit_edm_s1_k2.0_na3_sb0"
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

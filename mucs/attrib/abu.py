@@ -20,12 +20,15 @@ from mucs.attrib.common import flat_grads, job_cache, ladder_noise, param_names
 from mucs.attrib.mucs import item_noise_losses
 from mucs.diffusion import per_sample_loss
 from mucs.errors import UserError
+from mucs.io import digest
 from mucs.model import labels_of
 from mucs.train import step_generator
 
 
 @register("abu")
 class ABU(Method):
+    shares_work = True
+
     def prepare(self):
         if hasattr(self, "F"):
             return
@@ -35,8 +38,7 @@ class ABU(Method):
         self.labels = None if self.labels is None else self.labels.to(ctx.device)
         self.names = param_names(ctx.D, list(cfg.params), "abu")
         self.sigmas, self.E = ladder_noise(ctx, cfg.num_noises, cfg.t_range, cfg.noise_seed, self.X.shape[1:])
-        key = dict(M=cfg.num_noises, t=list(cfg.t_range), seed=cfg.noise_seed, sample=dict(ctx.cfg.sample))
-        self.L_orig = job_cache(ctx, "abu-L_orig", key, lambda: item_noise_losses(
+        self.L_orig = job_cache(ctx, "abu-L_orig", dict(noise=digest(self.sigmas, self.E)), lambda: item_noise_losses(
             ctx.D, self.X, self.labels, self.sigmas, self.E, int(cfg.eval_batch)))
         self.F = job_cache(ctx, "abu-fisher", dict(params=self.names, epochs=cfg.fisher_epochs, job_seed=ctx.seed),
                            self.fisher).to(ctx.device)

@@ -3,8 +3,6 @@ the sampler's ladder, image-embedding similarity (clip, dino, sscd), and per-sam
 output function of the denoiser (dtrak, das, abu) with a seeded random projection (TRAK).
 """
 import contextlib
-import hashlib
-import json
 import warnings
 from pathlib import Path
 
@@ -13,16 +11,12 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from mucs.attrib.base import Method
-from mucs.diffusion import ladder_at
+from mucs.diffusion import fixed_noise_generator, ladder_at
 from mucs.errors import UserError
-from mucs.io import file_hash, load_tensors, save_tensors
+from mucs.io import digest, file_hash, load_tensors, save_tensors
 
 # ---------------------------------------------------------------------------------------------
 # per-job cache and fixed noise
-
-
-def _digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def pre_weights(ctx):
@@ -30,14 +24,19 @@ def pre_weights(ctx):
 
 
 def job_cache(ctx, what, key, compute, model=True):
-    """A per-job tensor cached in the pre run folder (shared by every method and process), keyed by the
-    training ids, the pre weights (if `model`) and `key`: everything else it depends on."""
-    full = dict(what=what, ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16], **key)
+    """A per-job tensor cached in the pre run folder's attrib-cache/ (shared by every method and process), reused
+    only under the same key: the training items (ctx.data_digest), the numerics it is computed under (device type,
+    dtype, mixed precision, TF32: ctx.numerics), the pre weights (if `model`) and `key`, the rest of what its
+    numbers depend on (a fixed noise set as the digest of its tensors, ...)."""
+    full = dict(what=what, data=ctx.data_digest(), numerics=ctx.numerics(), **key)
     if model:
         full["weights"] = file_hash(pre_weights(ctx))
-    path = Path(ctx.shared_dir) / "attrib-cache" / f"{what}-{_digest(full)}.safetensors"
+    h = digest(full)
+    ctx.uses(what, h)
+    path = Path(ctx.shared_dir) / "attrib-cache" / f"{what}-{h}.safetensors"
     if path.exists():
         return load_tensors(path, what=f"{what} cache", hint="delete it to recompute")["value"]
+    print(f"[cache] computing {what} for {Path(ctx.shared_dir).name} ({path.name})", flush=True)
     value = torch.as_tensor(compute()).contiguous()
     save_tensors(path, dict(value=value), metadata=dict(key=full))
     return value
@@ -48,7 +47,7 @@ def ladder_noise(ctx, M, t_range, seed, shape):
     highest level) and M unit noises: one fixed set, the same for every training item and target."""
     u = torch.linspace(float(t_range[0]), float(t_range[1]), int(M), dtype=torch.float64)
     sigmas = ladder_at(u, ctx.cfg.sample, ctx.D).float()
-    E = torch.randn((int(M),) + tuple(shape), generator=torch.Generator().manual_seed(int(seed) * 7919 + 23))
+    E = torch.randn((int(M),) + tuple(shape), generator=fixed_noise_generator(seed, stream=23))
     return sigmas.to(ctx.device), E.to(ctx.device)
 
 
@@ -61,17 +60,16 @@ class EmbeddingSimilarity(Method):
 
     embedder = None  # name for mucs.pretrained.load_embedder
     batch_targets = 64
+    shares_work = True
 
     def prepare(self):
         if hasattr(self, "E_train"):
             return
         from mucs.pretrained import load_embedder
         self.net = load_embedder(self.embedder, self.ctx.cfg.paths.cache).to(self.ctx.device)
-        h = hashlib.sha256()
-        for t in self.net.state_dict().values():
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
         compute = lambda: self.embed(self.ctx.train.float_images(), desc=f"{self.name} train")  # noqa: E731
-        self.E_train = job_cache(self.ctx, f"embed-{self.embedder}", dict(net=h.hexdigest()[:16]), compute, model=False)
+        self.E_train = job_cache(self.ctx, f"embed-{self.embedder}", dict(net=digest(*self.net.state_dict().values())),
+                                 compute, model=False)
 
     @torch.no_grad()
     def embed(self, x, desc=None):

@@ -18,6 +18,7 @@ from mucs.attrib.dtrak import DTRAK
 from mucs.attrib.common import job_cache
 from mucs.attrib.mucs import item_noise_losses
 from mucs.errors import UserError
+from mucs.io import digest
 
 
 @register("das")
@@ -27,9 +28,8 @@ class DAS(DTRAK):
             return
         super().prepare()
         ctx, cfg = self.ctx, self.cfg
-        key = dict(K=cfg.num_timesteps, t=list(cfg.t_range), noise_seed=cfg.noise_seed, sample=dict(ctx.cfg.sample))
-        L = job_cache(ctx, "das-losses", key, lambda: item_noise_losses(ctx.D, self.X, self.labels, self.sigmas, self.E,
-                                                                         int(cfg.eval_batch)))
+        L = job_cache(ctx, "das-losses", dict(noise=digest(self.sigmas, self.E)), lambda: item_noise_losses(
+            ctx.D, self.X, self.labels, self.sigmas, self.E, int(cfg.eval_batch)))
         s = self.sigmas.cpu()
         e = (L / (ctx.D.loss_weight(s) * s ** 2)).sqrt()  # rms of eps_hat - eps = (x - D) / sigma, per level
         if cfg.residual == "released":

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from mucs.attrib.base import Method, register
 from mucs.attrib.common import flat_grads, job_cache, ladder_noise, param_names, project
+from mucs.io import digest
 from mucs.model import labels_of
 
 
@@ -31,6 +32,7 @@ def trak_solver(Phi, lam):
 @register("dtrak")
 class DTRAK(Method):
     batch_targets = 64
+    shares_work = True
 
     def prepare(self):
         if hasattr(self, "M"):
@@ -41,9 +43,8 @@ class DTRAK(Method):
         self.labels = None if self.labels is None else self.labels.to(ctx.device)
         self.names = param_names(ctx.D, list(cfg.params), self.name)
         self.sigmas, self.E = ladder_noise(ctx, cfg.num_timesteps, cfg.t_range, cfg.noise_seed, self.X.shape[1:])
-        key = dict(output=cfg.output, K=cfg.num_timesteps, t=list(cfg.t_range), noise_seed=cfg.noise_seed,
-                   params=self.names, proj=cfg.proj, k=cfg.proj_dim, proj_seed=cfg.proj_seed,
-                   device=torch.device(ctx.device).type, sample=dict(ctx.cfg.sample))
+        key = dict(output=cfg.output, noise=digest(self.sigmas, self.E), params=self.names, proj=cfg.proj,
+                   k=cfg.proj_dim, proj_seed=cfg.proj_seed)
         self.Phi = job_cache(ctx, f"{self.name}-features", key,
                              lambda: self.features(self.X, self.labels, self.sigmas, self.E, f"{self.name} train features"))
         self.M = trak_solver(self.Phi, float(cfg.lam)).float()

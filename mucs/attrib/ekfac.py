@@ -34,14 +34,12 @@ from torch.utils.data import Dataset
 
 from mucs.attrib.base import Method, register
 from mucs.attrib.common import ladder_noise, pre_weights
-from mucs.config import hash_settings
-from mucs.diffusion import per_sample_loss
+from mucs.diffusion import fixed_noise_generator, per_sample_loss
 from mucs.errors import UserError
-from mucs.io import file_hash, read_json, write_json
+from mucs.io import digest, file_hash, read_json, write_json
 from mucs.model import labels_of
 from mucs.usage import measured
 
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")  # kronfluence's; identity: plain gradient inner products
 SHARES_COVARIANCE = ("ekfac", "kfac")
 
 
@@ -59,8 +57,15 @@ class Pairs(Dataset):
 
     def __getitem__(self, p):
         j, m = divmod(p, len(self.sigmas))
-        xi = torch.randn(self.X.shape[1:], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + p))
+        xi = torch.randn(self.X.shape[1:], generator=fixed_noise_generator(self.seed * 1_000_003 + p, stream=31))
         return self.X[j], self.Y[j], self.sigmas[m], self.E[m], self.w[m], xi
+
+
+def training_draws(D, M, seed, shape):
+    """The M fixed draws of the training loss: levels from D's training distribution and unit noises."""
+    g = fixed_noise_generator(seed, stream=29)
+    sigmas = D.train_sigma(int(M), generator=g).float()
+    return sigmas, torch.randn((int(M),) + tuple(shape), generator=g)
 
 
 def make_task(modules):
@@ -114,17 +119,7 @@ def tracked_modules(D, patterns):
 @register("ekfac")
 class InfluenceFunction(Method):
     batch_targets = 20  # targets per pass over the training pairs (their query gradients are held in memory)
-
-    def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
-        if cfg.strategy not in STRATEGIES:
-            raise UserError(f"attrib.strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
-        if cfg.measurement not in ("loss", "elbo"):
-            raise UserError(f"attrib.measurement must be loss or elbo, not {cfg.measurement!r}")
-        if cfg.damping is not None and float(cfg.damping) < 0:
-            raise UserError(f"attrib.damping must be null (kronfluence's heuristic) or >= 0, not {cfg.damping}")
-        if int(cfg.num_draws) < 1 or int(cfg.batch) < 1:
-            raise UserError("attrib.num_draws and attrib.batch must be positive")
+    shares_work = True  # the factors, fitted once per job before the shards score
 
     def prepare(self):
         if hasattr(self, "analyzer"):
@@ -139,10 +134,7 @@ class InfluenceFunction(Method):
         print(f"[{self.name}] {len(self.modules)} modules tracked; {self.note}")
         X = ctx.train.float_images()
         self.labels = labels_of(ctx.train, ctx.cfg.model, ctx.meta)
-        g = torch.Generator().manual_seed(int(cfg.noise_seed) * 7919 + 29)
-        sigmas = ctx.D.train_sigma(int(cfg.num_draws), generator=g).float()
-        E = torch.randn((int(cfg.num_draws),) + tuple(X.shape[1:]), generator=g)
-        self.draws = (sigmas, E)
+        self.draws = sigmas, E = training_draws(ctx.D, cfg.num_draws, cfg.noise_seed, X.shape[1:])
         self.train_pairs = Pairs(X, self.labels, sigmas, E, torch.ones(len(sigmas)), cfg.noise_seed)
         task = make_task(self.modules)
         self.analyzer = Analyzer("kronfluence", prepare_model(copy.deepcopy(ctx.D), task), task,
@@ -153,11 +145,13 @@ class InfluenceFunction(Method):
     # -- factors, once per job ------------------------------------------------------------------
 
     def factor_key(self, strategy):
+        """The factors' name in kronfluence's storage, keyed as job_cache keys its caches: the training items, the
+        numerics, the pre weights, the draws (the noise set) and the rest of what the factors depend on."""
         ctx, cfg = self.ctx, self.cfg
-        key = dict(weights=file_hash(pre_weights(ctx)), ids=ctx.train.ids.tolist(), modules=self.modules,
-                   draws=int(cfg.num_draws), noise_seed=int(cfg.noise_seed), empirical=bool(cfg.empirical_fisher),
-                   device=torch.device(ctx.device).type)
-        return f"{strategy}-{hash_settings(key)}"
+        key = dict(data=ctx.data_digest(), numerics=ctx.numerics(), weights=file_hash(pre_weights(ctx)),
+                   modules=self.modules, noise=digest(*self.draws), fisher_seed=int(cfg.noise_seed),
+                   empirical=bool(cfg.empirical_fisher))
+        return f"{strategy}-{digest(key)}"
 
     def factor_args(self, strategy):
         from kronfluence.arguments import FactorArguments
@@ -173,6 +167,7 @@ class InfluenceFunction(Method):
 
         strategy, a = self.cfg.strategy, self.analyzer
         name = self.factor_key(strategy)
+        self.ctx.uses(f"kronfluence-{strategy}", name)
         done = a.factors_output_dir(name) / "fit.json"
         if done.exists():
             return name, dict(read_json(done), factors="cached")

@@ -37,12 +37,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mucs.attrib.base import Method, register
-from mucs.attrib.common import _digest, ladder_noise, param_names, pre_weights
+from mucs.attrib.common import ladder_noise, param_names, pre_weights
 from mucs.attrib.mucs import item_noise_losses
 from mucs.diffusion import per_sample_loss
 from mucs.errors import UserError
 from mucs.groups import expand, load_groups
-from mucs.io import file_hash, load_tensor_metadata
+from mucs.io import digest, file_hash, load_tensor_metadata
 from mucs.model import labels_of, load_denoiser, save_weights
 from mucs.train import step_generator
 
@@ -178,13 +178,14 @@ def unlearn_group(ctx, cfg, groups, k, X, Y):
 
 
 def cache_dir(ctx, cfg, groups):
-    """Where the unlearned models of these settings live: keyed by the pre weights, the groups and every
-    setting the unlearning depends on."""
-    key = dict(weights=file_hash(pre_weights(ctx)), groups=groups.digest(), seed=ctx.seed,
+    """Where the unlearned models of these settings live: keyed by the pre weights, the training items, the groups,
+    the numerics they are computed under (device type, dtype, mixed precision, TF32) and every setting the
+    unlearning depends on."""
+    key = dict(weights=file_hash(pre_weights(ctx)), data=ctx.data_digest(), groups=groups.digest(), seed=ctx.seed,
                unlearn={k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "groups"},
-               cond_dropout=ctx.cfg.train.cond_dropout,
-               autocast=ctx.cfg.precision.autocast)
-    return Path(ctx.shared_dir) / "guda-cache" / _digest(key)
+               cond_dropout=ctx.cfg.train.cond_dropout, numerics=ctx.numerics())
+    ctx.uses("guda-models", digest(key))
+    return Path(ctx.shared_dir) / "guda-cache" / digest(key)
 
 
 def unlearned_models(ctx, cfg, groups):
@@ -210,6 +211,7 @@ def unlearn_seconds(paths):
 @register("guda")
 class GUDA(Method):
     batch_targets = 64
+    shares_work = True
 
     def prepare(self):
         if hasattr(self, "paths"):

@@ -26,34 +26,26 @@ from mucs.attrib.base import register
 from mucs.attrib.common import job_cache, param_names
 from mucs.attrib.dtrak import DTRAK, trak_solver
 from mucs.attrib.ensemble import normalise
-from mucs.diffusion import guided
+from mucs.diffusion import fixed_noise_generator, guided
 from mucs.errors import UserError
 from mucs.generate import ladder, load_samples, sample_batch
-from mucs.io import save_tensors
+from mucs.io import digest, save_tensors
 from mucs.model import labels_of
+from mucs.precision import tf32
 
 STEPS = "journey-steps"
-ANCHORS = ("x0_hat", "trajectory")
 
 
 def noise(seed, stream, step, R, shape):
     """R fixed unit noises of one sampler step: stream 0 for every item and target, 1 a user target's path."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + stream * 7919 + int(step))
+    g = fixed_noise_generator(seed, stream=41 + 2 * int(step) + stream)
     return torch.randn((int(R),) + tuple(shape), generator=g)
 
 
 @register("journey_trak")
 class JourneyTRAK(DTRAK):
     batch_targets = 20  # targets regenerated and scored together
-
-    def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
-        if cfg.anchor not in ANCHORS:
-            raise UserError(f"attrib.anchor must be one of {', '.join(ANCHORS)}, not {cfg.anchor!r}")
-        if cfg.aggregate not in ("mean", "rank", "zscore"):
-            raise UserError(f"attrib.aggregate must be mean, rank or zscore, not {cfg.aggregate!r}")
-        if int(cfg.noises) < 1 or (cfg.steps is not None and int(cfg.steps) < 1):
-            raise UserError("attrib.steps and attrib.noises must be positive")
+    shares_work = True  # the training features of every attributed step, computed once per job before the shards
 
     def prepare(self):
         if hasattr(self, "solvers"):
@@ -64,16 +56,31 @@ class JourneyTRAK(DTRAK):
         self.labels = None if self.labels is None else self.labels.to(ctx.device)
         self.names = param_names(ctx.D, list(self.cfg.params), self.name)
         self.solvers = {}  # sampler step -> its TRAK solver M_k [k, n]
+        self.sigmas = self.levels()
+        for k in self.steps(len(self.sigmas)):
+            self.solver(k, float(self.sigmas[k]))
+
+    def levels(self):
+        """The sampler's levels at its steps (those of every trajectory, the same for every seed): from one
+        throwaway sample's trace."""
+        ctx, trace = self.ctx, []
+        y = None if self.labels is None else self.labels[:1]
+        with tf32(ctx.cfg.precision.tf32):
+            sample_batch(ctx.D, ctx.cfg, ladder(ctx.cfg, ctx.D), [0], y, tuple(self.X.shape[1:]), ctx.device, trace)
+        return torch.tensor([s for s, _ in trace], dtype=torch.float64)
+
+    def steps(self, N):
+        """The K attributed steps of N, evenly spaced (all of them when attrib.steps is null)."""
+        return sorted({round(float(u)) for u in torch.linspace(0, N - 1, min(N, int(self.cfg.steps or N)))})
 
     def solver(self, step, sigma):
         """M_k of sampler step `step` at level sigma: from the training features there (cached per job)."""
         if step not in self.solvers:
             ctx, cfg = self.ctx, self.cfg
-            key = dict(step=step, sigma=round(sigma, 8), output=cfg.output, R=cfg.noises, noise_seed=cfg.noise_seed,
-                       params=self.names, proj=cfg.proj, k=cfg.proj_dim, proj_seed=cfg.proj_seed,
-                       device=torch.device(ctx.device).type)
             E = noise(cfg.noise_seed, 0, step, cfg.noises, self.X.shape[1:]).to(ctx.device)
             s = torch.full((int(cfg.noises),), sigma, device=ctx.device)
+            key = dict(output=cfg.output, noise=digest(s, E), params=self.names, proj=cfg.proj, k=cfg.proj_dim,
+                       proj_seed=cfg.proj_seed)
             Phi = job_cache(ctx, "journey-features", key,
                             lambda: self.features(self.X, self.labels, s, E, f"journey train features, step {step}"))
             self.solvers[step] = trak_solver(Phi, float(cfg.lam)).float()
@@ -85,15 +92,15 @@ class JourneyTRAK(DTRAK):
         dev, shape = ctx.device, tuple(x.shape[1:])
         y = None if labels is None else labels.to(dev)
         trace = []
-        if cfg.targets:  # no trajectory to regenerate: the sampler's levels (of one throwaway sample), forward noise
+        if cfg.targets:  # no trajectory to regenerate: the sampler's levels, forward noise
             print(f"[{self.name}] user targets: a forward-noised trajectory x + sigma_k eps (fixed eps) stands in for "
                   f"their sampling trajectories")
-            sample_batch(ctx.D, cfg, ladder(cfg, ctx.D), [0], None if y is None else y[:1], shape, dev, trace)
-            sigmas = torch.tensor([s for s, _ in trace], dtype=torch.float64)
+            sigmas = self.sigmas
             eps = noise(self.cfg.noise_seed, 1, 0, 1, shape).to(dev)
             return x.to(dev)[None] + sigmas.view(-1, 1, 1, 1, 1).to(dev).float() * eps, sigmas, "forward-noised"
         seeds = load_samples(ctx.shared_dir)["seeds"][index].tolist()
-        final = sample_batch(ctx.D, cfg, ladder(cfg, ctx.D), seeds, y, shape, dev, trace).clamp(-1, 1).cpu()
+        with tf32(cfg.precision.tf32):  # as gpre sampled them (scores run with precision.score_tf32)
+            final = sample_batch(ctx.D, cfg, ladder(cfg, ctx.D), seeds, y, shape, dev, trace).clamp(-1, 1).cpu()
         diff = float((final - x.cpu()).abs().max())
         if diff > 1e-2:
             raise UserError(f"the regenerated trajectories of targets {index.tolist()} end {diff:.3g} away from the "
@@ -105,7 +112,7 @@ class JourneyTRAK(DTRAK):
         labels = None if labels is None or self.labels is None else labels.to(dev)
         states, sigmas, how = self.trajectories(x, labels, index)
         N, T = len(sigmas), len(x)
-        steps = sorted({round(float(u)) for u in torch.linspace(0, N - 1, min(N, int(cfg.steps or N)))})
+        steps = self.steps(N)
         D_g = guided(ctx.D, ctx.cfg.sample.guidance)  # x0_hat as the sampler saw it
         S = []
         for k in steps:

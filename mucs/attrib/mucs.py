@@ -3,26 +3,30 @@
 1. Unlearn the target x_g from a copy of the pre model: AdamW at lr / lr_factor on a few parameter
    groups, minimising  mean(L_retain) - lambda * mean(min(L_gen, L_null))  over B retain items and B
    copies of x_g, each with its own training noise; stop once mean(min(L_gen, L_null)) reaches
-   (1 - tolerance) L_null.
+   (1 - tolerance) L_null. Instance weighting (attrib.instance_weighting, an ablation; off by default, as
+   published): `inverse_loss` weights each instance of either mean by w_i = (1 / L_i) / mean_k(1 / L_k), the
+   inverse of its own (detached) loss normalised to mean 1 within its half, so each instance contributes the
+   relative change of its loss, grad L_i / L_i = grad log L_i, as the ratio score measures it; without it the
+   instances at high noise levels, whose EDM-weighted losses are largest, dominate the update.
 2. Score every training item j on one fixed set of M noises (levels on the top t_sched_infer part of the
    sampler's ladder), the same for both models:  s_j = mean_m (L_unl - L_orig) / (L_unl + L_orig + eps).
    L_orig is computed once per job and cached.
 """
 import copy
 import fnmatch
-import hashlib
-import json
+import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
+from mucs import config as C
 from mucs.attrib.base import Method, register
-from mucs.config import sample_settings
-from mucs.diffusion import ladder_at, per_sample_loss
+from mucs.attrib.common import job_cache
+from mucs.config import sections
+from mucs.diffusion import fixed_noise_generator, ladder_at, per_sample_loss
 from mucs.errors import UserError
-from mucs.io import file_hash, load_tensors, save_tensors
+from mucs.io import digest
 from mucs.model import build_denoiser, labels_of
 from mucs.train import make_augment, step_generator
 
@@ -113,6 +117,12 @@ class WithWeights:
         return self.D.loss_weight(sigma)
 
 
+def instance_weights(L):
+    """w_i = (1 / L_i) / mean_k(1 / L_k): detached inverse losses of mean 1 (instance_weighting=inverse_loss)."""
+    inv = 1 / L.detach().float().clamp_min(1e-12)
+    return inv / inv.mean()
+
+
 def trainable_names(D, patterns):
     names = [n for n, _ in D.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
@@ -123,6 +133,8 @@ def trainable_names(D, patterns):
 
 @register("mucs")
 class MUCS(Method):
+    shares_work = True
+
     def prepare(self):
         if hasattr(self, "L_orig"):
             return
@@ -135,8 +147,13 @@ class MUCS(Method):
         self.sigmas, self.E = self.fixed_noise(cfg.noise_seed)
         self.evaluator = LossEvaluator(ctx.D, cfg, dev)
         self.eval_batch = pairs_per_batch(cfg.eval_batch, self.X)
-        self.L_orig = self.cached("L_orig", lambda: self.losses(ctx.D, self.sigmas, self.E))
-        self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(self.cached("L_null", self.estimate_L_null))
+        ev = self.evaluator  # L_orig and every L_unl go through the same evaluation path
+        self.L_orig = job_cache(ctx, "mucs-L_orig", dict(noise=digest(self.sigmas, self.E), eval=dict(
+            amp=str(ev.amp), compile=ev.compiled is not None, channels_last=ev.channels_last)),
+            lambda: self.losses(ctx.D, self.sigmas, self.E))
+        null = dict(model=sections(ctx.cfg, "model"), B=cfg.num_noises, batches=cfg.null_batches, seed=ctx.seed)
+        self.L_null = float(cfg.L_null) if cfg.L_null != "auto" else float(
+            job_cache(ctx, "mucs-L_null", null, self.estimate_L_null, model=False))
         self.augment = make_augment(ctx.cfg.model, ctx.cfg.train) if cfg.augment else None
 
     # -- the fixed noise set ----------------------------------------------------------------------
@@ -146,27 +163,8 @@ class MUCS(Method):
         cfg, M = self.cfg, int(self.cfg.num_noises)
         u = torch.linspace(0, cfg.t_sched_infer, M, dtype=torch.float64)
         sigmas = ladder_at(u, self.ctx.cfg.sample, self.ctx.D).float()
-        g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-        E = torch.randn((M,) + tuple(self.X.shape[1:]), generator=g)
+        E = torch.randn((M,) + tuple(self.X.shape[1:]), generator=fixed_noise_generator(seed, stream=17))
         return sigmas.to(self.ctx.device), E.to(self.ctx.device)
-
-    def cached(self, what, compute):
-        """A per-job quantity cached in the pre run folder, keyed by everything it depends on."""
-        ctx, cfg = self.ctx, self.cfg
-        weights = ctx.shared_dir / ("model-last.safetensors" if ctx.cfg.use_last_ckpt else "model-best.safetensors")
-        key = dict(what=what, weights=file_hash(weights), ids=hashlib.sha256(ctx.train.ids.numpy().tobytes()).hexdigest()[:16],
-                   sample=sample_settings(ctx.cfg), M=cfg.num_noises, t=cfg.t_sched_infer, seed=cfg.noise_seed,
-                   null_batches=cfg.null_batches, job_seed=ctx.seed)
-        switches = {k: cfg.get(k) for k in ("compile", "eval_autocast") if cfg.get(k) not in (None, False, "none")}
-        if what == "L_orig" and switches:  # L_orig and L_unl go through the same evaluation path
-            key["eval"] = switches
-        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = Path(ctx.shared_dir) / "mucs-cache" / f"{what}-{h}.safetensors"
-        if path.exists():
-            return load_tensors(path, what=f"MUCS {what} cache", hint="delete it to recompute")["value"]
-        value = torch.as_tensor(compute())
-        save_tensors(path, dict(value=value))
-        return value
 
     def estimate_L_null(self):
         """Mean training loss of a freshly initialised model of the same config."""
@@ -216,7 +214,8 @@ class MUCS(Method):
             eps = torch.randn(y.shape, generator=g).to(dev)
             with ctx.autocast():  # precision.autocast, as in training; the scores stay float32
                 L = per_sample_loss(D, y, sigma, eps, lab, aug)
-            l_ret, l_gen = L[:B].mean(), L[B:].clamp(max=self.L_null).mean()
+            L_r, L_g = L[:B], L[B:].clamp(max=self.L_null)
+            l_ret, l_gen = L_r.mean(), L_g.mean()
             L_ret, L_gen = l_ret.item(), l_gen.item()
             if not (torch.isfinite(l_ret) and torch.isfinite(l_gen)):
                 raise UserError(f"MUCS unlearning loss became non-finite at step {step} of target {t}; lower the "
@@ -228,6 +227,8 @@ class MUCS(Method):
                 reason = "max_steps" if cfg.max_steps is not None else "safety_steps"
                 break
             opt.zero_grad(set_to_none=True)
+            if cfg.instance_weighting == "inverse_loss":
+                l_ret, l_gen = (instance_weights(L_r) * L_r).mean(), (instance_weights(L_g) * L_g).mean()
             (l_ret - cfg.lam * l_gen).backward()
             opt.step()
             step += 1
@@ -237,21 +238,81 @@ class MUCS(Method):
 
     # -- step 2: noise-consistent skew --------------------------------------------------------------
 
-    def skew(self, L_unl, L_orig):
+    def skew_terms(self, L_unl, L_orig):
+        """The score's term per noise; the score is their mean over the fixed noises."""
         if self.cfg.score == "diff":
-            return (L_unl - L_orig).mean(1)
+            return L_unl - L_orig
         if self.cfg.score != "ratio":
             raise UserError(f"attrib.score must be 'ratio' or 'diff', not {self.cfg.score!r}")
-        return ((L_unl - L_orig) / (L_unl + L_orig + self.cfg.eps)).mean(1)
+        return (L_unl - L_orig) / (L_unl + L_orig + self.cfg.eps)
+
+    def skew(self, L_unl, L_orig):
+        return self.skew_terms(L_unl, L_orig).mean(1)
+
+    def adaptive_skew(self, D_u, sigmas, E):
+        """The scores by successive pruning (attrib.adaptive): every item is evaluated on the first block of the
+        fixed noises (blocks are strided, so each spans the whole ladder); after each block the items whose upper
+        confidence bound (Student t at level 1 - adaptive_alpha on the terms seen, finite-population corrected;
+        with adaptive_prior_dof > 0 each item's variance is moderated towards the items' median with that many
+        degrees of freedom) lies below the k-th largest lower bound are dropped, k = num_removal; once at most adaptive_keep * k
+        remain, they get every remaining noise, so their scores are the exact run's. A dropped item keeps the
+        mean of the terms it saw, capped below the lowest candidate's score (the top k are the candidates).
+        Returns (scores [n], noises evaluated per item [n], items evaluated on each pass)."""
+        from scipy.stats import t as student
+
+        cfg, n, M = self.cfg, len(self.X), len(sigmas)
+        nb = max(1, min(int(cfg.adaptive_blocks), M))
+        blocks = [torch.arange(b, M, nb) for b in range(nb)]
+        k = min(C.num_removal(self.ctx.cfg), n)
+        keep = max(k, int(float(cfg.adaptive_keep) * k))
+        total, sq = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        seen, alive, evaluated = torch.zeros(n, dtype=torch.long), torch.arange(n), []
+        loss = self.evaluator.bind(D_u)
+        for b in range(nb):
+            evaluated.append(len(alive))
+            last = len(alive) <= keep or b == nb - 1
+            m = torch.cat(blocks[b:]) if last else blocks[b]
+            lab = None if self.labels is None else self.labels[alive.to(self.labels.device)]
+            L = item_noise_losses(D_u, self.X[alive.to(self.X.device)], lab, sigmas[m.to(sigmas.device)],
+                                  E[m.to(E.device)], self.eval_batch, loss)
+            r = self.skew_terms(L.double(), self.L_orig[alive][:, m].double())
+            total[alive] += r.sum(1)
+            sq[alive] += r.square().sum(1)
+            seen[alive] += len(m)
+            if last:
+                break
+            s, d0 = int(seen[alive[0]]), float(cfg.get("adaptive_prior_dof", 0))
+            mean = total[alive] / s
+            var = (sq[alive] / s - mean.square()).clamp_min(0) * s / max(s - 1, 1)
+            if d0 > 0:  # moderated variance: each item's spread shrunk towards the items' median, d0 extra dof
+                var = ((s - 1) * var + d0 * var.median()) / (s - 1 + d0)
+            half = student.ppf(1 - float(cfg.adaptive_alpha), max(s - 1, 1) + d0) * (var / s * (1 - s / M)).sqrt()
+            cut = (mean - half).topk(k).values[-1]
+            alive = alive[mean + half >= cut]
+        scores = total / seen
+        final = seen == M
+        floor = scores[final].min()
+        scores[~final] = torch.minimum(scores[~final], floor - 1e-9 * (1 + floor.abs()))
+        return scores.float(), seen, evaluated
 
     def score(self, x, labels, index):
         scores, infos = [], []
         for k, t in enumerate(index.tolist()):
             y_g = None if labels is None else labels[k: k + 1].to(self.ctx.device)
+            t0 = time.time()
             D_u, info = self.unlearn(x[k: k + 1].to(self.ctx.device), y_g, t)
+            t1 = time.time()
             sigmas, E = (self.sigmas, self.E) if self.cfg.consistent_noise else self.fixed_noise(
                 self.cfg.noise_seed + 1 + self.ctx.seed * 100003 + t)
-            L_unl = self.losses(D_u, sigmas, E)
-            scores.append(self.skew(L_unl, self.L_orig))
-            infos.append(info)
+            if self.cfg.get("adaptive", False):
+                if not self.cfg.consistent_noise:
+                    raise UserError("attrib.adaptive=true needs attrib.consistent_noise=true (it reuses L_orig per noise)")
+                s, seen, evaluated = self.adaptive_skew(D_u, sigmas, E)
+                info["evaluated"] = evaluated  # items on each pass (the last pass: every remaining noise)
+            else:
+                s = self.skew(self.losses(D_u, sigmas, E), self.L_orig)
+                seen = torch.full((len(s),), len(sigmas), dtype=torch.long)
+            scores.append(s)
+            infos.append(dict(info, unlearn_s=round(t1 - t0, 3), eval_s=round(time.time() - t1, 3),
+                              forward_passes=int(seen.sum()), tensors=dict(noises=seen)))
         return torch.stack(scores), infos

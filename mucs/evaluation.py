@@ -1,5 +1,4 @@
 """eval.py: compare pre and post images of every method across jobs (seeds) against random removal."""
-import argparse
 import fnmatch
 from pathlib import Path
 
@@ -11,29 +10,10 @@ from mucs import config as C
 from mucs import metrics as M
 from mucs import stats
 from mucs.attrib.base import load_attrib
-from mucs.cli import Parser, guard
 from mucs.errors import UserError
 from mucs.generate import load_samples
-from mucs.io import atomic_path, file_hash
-
-
-def eval_args(argv):
-    p = Parser(prog="eval.py", description="Counterfactual evaluation: AUC and Ratio against random removal.")
-    p.add_argument("--jobs", required=True, help="comma-separated run names <job>_s<seed>_k.._na.._sb.. (globs allowed)")
-    p.add_argument("--methods", default="random,pixel", help="comma-separated methods; must include random")
-    p.add_argument("--metrics", default=None, help="comma list, 'published' or 'all_available' (default: the no-download set)")
-    p.add_argument("--calc_ref", action="store_true", help="recompute the per-sample similarities even if cached")
-    p.add_argument("--pval", action="store_true", help="show p-values in the printed table")
-    p.add_argument("--show_controls", action="store_true", help="show control rows in the printed table and grids")
-    p.add_argument("--fn_out", default=None, help="name of the output folder under pointer_to/plots")
-    p.add_argument("--logs", default=None, help="folder of the run folders (default: paths.logs of the config)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no_plots", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if r.startswith("-")]
-    if bad:
-        raise UserError(f"unknown option {bad[0]}; see --help")
-    return args, rest
+from mucs.io import atomic_path, file_hash, read_json
+from mucs.manifest import check_finished
 
 
 def find_jobs(spec, logs):
@@ -50,8 +30,6 @@ def find_jobs(spec, logs):
 
 def load_run(logs, job, methods):
     """Pre samples, and per method its post samples and top ids, checked to share seeds."""
-    from mucs.stages import check_finished
-
     pre_dir = Path(logs) / f"{job}--pre"
     cfg = C.load_saved(pre_dir / "config.yaml")
     check_finished(pre_dir, "gpre")
@@ -66,8 +44,40 @@ def load_run(logs, job, methods):
         post = load_samples(d, stage="gpost")
         if not torch.equal(post["seeds"], pre["seeds"]):
             raise UserError(f"pre and post samples of {job} / {m} have different seeds; rerun --what=gpost --force")
-        posts[m] = dict(samples=post, top_ids=load_attrib(d)["top_ids"], dir=d)
+        posts[m] = dict(samples=post, top_ids=load_attrib(d)["top_ids"], dir=d,
+                        targets=read_json(d / "a.manifest.json")["settings"].get("targets"))
     return cfg, pre_dir, pre, posts
+
+
+def target_set(post):
+    """What a method's union of removed ids was computed over: how many targets, and which."""
+    return f"{len(post['top_ids'])} " + (f"targets {post['targets']}" if post["targets"] else "gpre targets")
+
+
+def unequal(job, posts):
+    """{method: why} for each method whose removal is not like random's: another number of ids per target, or a
+    union over another target set (other targets= or another number of them)."""
+    ref, out = posts["random"], {}
+    for m, p in posts.items():
+        k, k_ref = p["top_ids"].shape[1], ref["top_ids"].shape[1]
+        if k != k_ref:
+            out[m] = f"{m} removes {k} ids per target in {job}, random {k_ref}"
+        elif target_set(p) != target_set(ref):
+            out[m] = f"{m}'s union in {job} is over {target_set(p)}, random's over {target_set(ref)}"
+    return out
+
+
+def check_like_with_like(runs, allow):
+    """Refuse (or with `allow`, return to mark) the methods whose removal is not comparable with random's."""
+    notes = {}
+    for r in runs:
+        for m, why in unequal(r["job"], r["posts"]).items():
+            notes.setdefault(m, why)
+    if notes and not allow:
+        m, why = next(iter(notes.items()))
+        raise UserError(f"{why}: the evaluation compares like with like; rerun {m} or random with the same num_removal "
+                        f"(--topk_factor, num_removal) and targets, or pass --allow_unequal (the table marks them)")
+    return notes
 
 
 def similarities(metrics, pre, post, cache, recompute):
@@ -120,8 +130,8 @@ def overlaps(runs, methods):
     return pd.DataFrame(rows)
 
 
-def format_table(summary, pval, controls):
-    t = pd.DataFrame({"method": summary.method, "metric": summary.metric})
+def format_table(summary, pval, controls, unequal=()):
+    t = pd.DataFrame({"method": [f"{m} *" if m in unequal else m for m in summary.method], "metric": summary.metric})
     t["AUC"] = summary.auc_target.map("{:.3f}".format)
     t["Ratio %"] = [f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in
                     zip(summary.ratio_target, summary.ratio_target_lo, summary.ratio_target_hi)]
@@ -136,30 +146,32 @@ def format_table(summary, pval, controls):
     return t.to_string(index=False)
 
 
-def eval_main(argv):
-    args, overrides = eval_args(argv)
-    base = C.compose(overrides)  # for paths.* (logs, cache, plots)
-    logs = args.logs or base.paths.logs
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def evaluate(jobs, methods, logs, out, metrics=None, cache=None, calc_ref=False, plots=True, show_controls=False,
+             device="auto", allow_unequal=False):
+    """The counterfactual evaluation of `methods` (random first) over the run names `jobs` in `logs`: per-sample
+    similarities, the pooled and per-seed summaries and the overlap of top ids, written as CSVs (and plots) into
+    `out`. A method that removes another number of ids per target than random, or over another target set, is
+    refused unless `allow_unequal` (then marked). Returns dict(sims, summary, per_seed, overlap, out, notes)."""
+    methods = [m.strip() for m in methods if m.strip()]
     if "random" not in methods:
         raise UserError("--methods must include random: every method is measured against random removal")
     methods = ["random"] + [m for m in methods if m != "random"]
-    jobs = find_jobs(args.jobs, logs)
-    names, skip_missing = M.resolve(args.metrics)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    names, skip_missing = M.resolve(metrics)
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
 
     runs = []
     for job in jobs:
         cfg, pre_dir, pre, posts = load_run(logs, job, methods)
         runs.append(dict(job=job, cfg=cfg, pre_dir=pre_dir, pre=pre, posts=posts))
+    notes = check_like_with_like(runs, allow_unequal)
     data = {(r["cfg"].data.name, r["cfg"].data.folder) for r in runs}
     if len(data) > 1:
         raise UserError(f"the jobs use different datasets {sorted(data)}; evaluate them separately")
     dcfg = runs[0]["cfg"].data
-    metrics = {}
+    metric_fns = {}
     for n in names:
         try:
-            metrics[n] = M.make_metric(n, dcfg.folder, dcfg.name, base.paths.cache, dcfg.get("ssim_upsample", 1), device)
+            metric_fns[n] = M.make_metric(n, dcfg.folder, dcfg.name, cache, dcfg.get("ssim_upsample", 1), device)
         except UserError as e:
             if not skip_missing:
                 raise
@@ -170,36 +182,40 @@ def eval_main(argv):
         n_t = int(r["pre"]["num_attrib"])
         for m in methods:
             p = r["posts"][m]
-            s = similarities(metrics, r["pre"]["images"], p["samples"]["images"],
+            s = similarities(metric_fns, r["pre"]["images"], p["samples"]["images"],
                              dict(pre=r["pre_dir"] / "samples.safetensors", post=p["dir"] / "samples.safetensors",
-                                  dir=p["dir"]), args.calc_ref)
+                                  dir=p["dir"]), calc_ref)
             s.insert(0, "method", m)
             s.insert(0, "job", r["job"])
             s["seed"] = r["pre"]["seeds"].numpy()
             s["part"] = np.where(np.arange(len(s)) < n_t, "target", "control")
             frames.append(s.drop(columns=["key"]))
     sims = pd.concat(frames, ignore_index=True)
-    summary = summarize(sims, metrics, methods)
-    per_seed = pd.concat([summarize(sims[sims.job == j], metrics, methods).assign(job=j) for j in jobs])
-    ov = overlaps(runs, methods)
-
-    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    for name, df in (("sims", sims), ("summary", summary), ("per_seed", per_seed), ("overlap", ov)):
-        with atomic_path(out / f"{name}.csv") as tmp:
-            df.to_csv(tmp, index=False)
-    if not args.no_plots:
+    summary = summarize(sims, metric_fns, methods)
+    summary["unequal"] = [notes.get(m, "") for m in summary.method]
+    res = dict(sims=sims, summary=summary,
+               per_seed=pd.concat([summarize(sims[sims.job == j], metric_fns, methods).assign(job=j) for j in jobs]),
+               overlap=overlaps(runs, methods), out=Path(out), notes=notes)
+    res["out"].mkdir(parents=True, exist_ok=True)
+    for name in ("sims", "summary", "per_seed", "overlap"):
+        with atomic_path(res["out"] / f"{name}.csv") as tmp:
+            res[name].to_csv(tmp, index=False)
+    if plots:
         from mucs.plots import densities, grids
-        densities(sims, metrics, methods, out)
-        grids(runs, methods, out, args.show_controls)
-    shown = summary[summary.method != "random"] if len(methods) > 1 else summary
-    print(f"\nCounterfactual evaluation: {len(jobs)} job(s), {summary.n_target.iloc[0]} targets per method pooled "
-          f"(AUC > 0.5: the method's removal changed targets more than random removal)")
-    print(format_table(shown, args.pval, args.show_controls))
+        densities(sims, metric_fns, methods, res["out"])
+        grids(runs, methods, res["out"], show_controls)
+    return res
+
+
+def print_evaluation(res, pval=False, show_controls=False):
+    """eval.py's printed table: the pooled summary (random left out next to other methods), and the overlaps."""
+    summary, notes = res["summary"], res["notes"]
+    shown = summary[summary.method != "random"] if summary.method.nunique() > 1 else summary
+    print(f"\nCounterfactual evaluation: {res['per_seed'].job.nunique()} job(s), {summary.n_target.iloc[0]} targets "
+          f"per method pooled (AUC > 0.5: the method's removal changed targets more than random removal)")
+    print(format_table(shown, pval, show_controls, notes))
+    for why in notes.values():
+        print(f"* not like with like (--allow_unequal): {why}")
     print("\nOverlap of top ids (within a method: across its targets; between methods: same target)")
-    print(ov.to_string(index=False, float_format="{:.3f}".format))
-    print(f"\n[eval] tables and plots in {out}")
-    return 0
-
-
-run_eval = guard(eval_main)
+    print(res["overlap"].to_string(index=False, float_format="{:.3f}".format))
+    print(f"\n[eval] tables and plots in {res['out']}")

@@ -118,7 +118,7 @@ def training_images(cfg):
 def load_runs(logs, jobs, methods):
     """eval's runs, each method with its scores by stable id (scores[t, id])."""
     from mucs.attrib.base import load_attrib
-    from mucs.evaluate import load_run
+    from mucs.evaluation import load_run
 
     runs = []
     for job in jobs:

@@ -104,6 +104,7 @@ class Method:
 
 
 def get_method(name):
+    """The Method class registered as `name`; a UserError naming the registered ones if there is none."""
     # importing this module ran mucs/attrib/__init__.py first, which imports (so registers) every method
     if name not in REGISTRY:
         raise UserError(f"unknown attribution method {name!r}; choose from {', '.join(sorted(REGISTRY))}")

@@ -248,10 +248,11 @@ class DDPMPrecond(nn.Module):
 
 
 @torch.no_grad()
-def scheduler_sampler(D, latents, scheduler, num_steps, labels=None, guidance=1.0, generators=None):
+def scheduler_sampler(D, latents, scheduler, num_steps, labels=None, guidance=1.0, generators=None, trace=None):
     """Images from unit-noise latents with a diffusers scheduler's own step rule (DDPM ancestral, DDIM, DPM-Solver,
     ...). The denoiser D (with guidance) gives x_0; it is handed to the scheduler in its prediction_type.
-    `generators` (one per sample) supply the step noise of stochastic schedulers."""
+    `generators` (one per sample) supply the step noise of stochastic schedulers. `trace` (a list) receives
+    (sigma_t, x_t / sqrt(abar_t)) at every step: the trajectory in the denoiser's form x = y + sigma n."""
     from mucs.diffusion import guided
 
     Dg, P = guided(D, guidance), D
@@ -262,6 +263,8 @@ def scheduler_sampler(D, latents, scheduler, num_steps, labels=None, guidance=1.
         x_t = scheduler.scale_model_input(x, t)  # the model's input: the VP-form x_t
         sigma = P.sigma_at(t).to(x.device, torch.float32)
         c_in = 1 / (sigma ** 2 + 1).sqrt()
+        if trace is not None:
+            trace.append((float(sigma), (x_t / c_in).float()))
         x0 = Dg(x_t / c_in, sigma * one, labels).to(x_t.dtype)
         kind = scheduler.config.prediction_type
         if kind == "sample":

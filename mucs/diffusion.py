@@ -93,11 +93,14 @@ PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond}
 # The per-sample loss. Callers supply sigma and unit noise eps to hold them fixed.
 
 
-def per_sample_loss(D, y, sigma, eps, labels=None, augment_labels=None):
-    """lambda(sigma) * ||D(y + sigma eps, sigma) - y||^2 averaged over pixels: one value per sample [B]."""
+def per_sample_loss(D, y, sigma, eps, labels=None, augment_labels=None, target=None):
+    """lambda(sigma) * ||D(y + sigma eps, sigma) - y||^2 averaged over pixels: one value per sample [B].
+    `target(D_yn)` (given the detached output) replaces y as what the output is compared with, e.g. targets
+    sampled from the model for a true Fisher."""
     s = sigma.reshape(-1, 1, 1, 1).to(y.dtype)
     D_yn = D(y + s * eps, sigma, labels, augment_labels)
-    return D.loss_weight(sigma).to(y.dtype) * (D_yn - y).square().flatten(1).mean(1)
+    t = y if target is None else target(D_yn.detach())
+    return D.loss_weight(sigma).to(y.dtype) * (D_yn - t).square().flatten(1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,10 +165,11 @@ def guided(D, guidance):
 
 @torch.no_grad()
 def heun_sampler(D, latents, sigmas, labels=None, guidance=1.0, S_churn=0.0, S_min=0.0, S_max=float("inf"),
-                 S_noise=1.0, randn=None, solver="heun"):
+                 S_noise=1.0, randn=None, solver="heun", trace=None):
     """Algorithm 2 of EDM. `latents` is unit noise; `sigmas` a ladder ending in 0; `randn(shape)` supplies
     churn noise (per-sample generators keep results independent of batching). With S_churn = 0 it is
-    deterministic: the same latents give the same image for any model."""
+    deterministic: the same latents give the same image for any model. `trace` (a list) receives (sigma, x) at
+    every step where the step's first denoiser evaluation is made: the trajectory."""
     D = guided(D, guidance)
     sigmas = sigmas.to(latents.device)
     N = len(sigmas) - 1
@@ -177,6 +181,8 @@ def heun_sampler(D, latents, sigmas, labels=None, guidance=1.0, S_churn=0.0, S_m
         s_hat = s_cur + gamma * s_cur
         if gamma > 0:
             x = x + (s_hat ** 2 - s_cur ** 2).sqrt() * S_noise * randn(x.shape[1:]).to(x)
+        if trace is not None:
+            trace.append((float(s_hat), x.float()))
         d = (x - D(x.float(), (s_hat * one).float(), labels).double()) / s_hat
         x_next = x + (s_next - s_hat) * d
         if solver == "heun" and i < N - 1:  # second-order correction, skipped at the last step (sigma = 0)

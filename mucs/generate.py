@@ -40,23 +40,27 @@ def sample(D, cfg, seeds, labels, shape, device, desc="sample", parts=None):
             if x is not None:
                 out.append(x)
                 continue
-        gens = SeedGenerators(seeds[i: i + s.batch])
-        latents = gens.randn(shape, device)
         y = None if labels is None else labels[i: i + s.batch].to(device)
-        with autocast(device, cfg.precision.autocast):  # the ODE state itself stays float64
-            if s.get("sampler", "heun") == "diffusers":  # the model's own scheduler; step noise from each sample's seed
-                from mucs.diffusers_adapter import make_scheduler, scheduler_sampler
-                x = scheduler_sampler(D, latents, make_scheduler(D.config, s.get("scheduler")), s.num_steps, y,
-                                      guidance=s.guidance, generators=gens.gens)
-            else:
-                x = heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
-                                 S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device),
-                                 solver=s.solver)
-        out.append(x.clamp(-1, 1).cpu())
+        out.append(sample_batch(D, cfg, sigmas, seeds[i: i + s.batch], y, shape, device).clamp(-1, 1).cpu())
         if part:
             save_tensors(part, dict(images=out[-1], seeds=torch.tensor(seeds[i: i + s.batch], dtype=torch.long)),
                          metadata=dict(numerics=now))
     return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+def sample_batch(D, cfg, sigmas, seeds, y, shape, device, trace=None):
+    """The samples (unclamped) of one batch of per-sample seeds and conditions y, with the configured sampler;
+    `trace` (a list) receives the trajectory's (sigma, x) at every step (see heun_sampler)."""
+    s, gens = cfg.sample, SeedGenerators(seeds)
+    latents = gens.randn(shape, device)
+    with autocast(device, cfg.precision.autocast):  # the ODE state itself stays float64
+        if s.get("sampler", "heun") == "diffusers":  # the model's own scheduler; step noise from each sample's seed
+            from mucs.diffusers_adapter import make_scheduler, scheduler_sampler
+            return scheduler_sampler(D, latents, make_scheduler(D.config, s.get("scheduler")), s.num_steps, y,
+                                     guidance=s.guidance, generators=gens.gens, trace=trace)
+        return heun_sampler(D, latents, sigmas, y, guidance=s.guidance, S_churn=s.S_churn, S_min=s.S_min,
+                            S_max=s.S_max, S_noise=s.S_noise, randn=lambda sh: gens.randn(sh, device),
+                            solver=s.solver, trace=trace)
 
 
 def load_part(path, seeds, shape, now):

@@ -1,7 +1,8 @@
 """Linear datamodeling score (LDS; Park et al. 2023, the benchmark of D-TRAK, DAS and dattri).
 
   1. M random subsets S_i of a fraction alpha of the training split (seeded by lds.subset_seed), S models
-     per subset, each a resumable training of its own in <run>--lds/m<i>_s<j>/ (seed: the job's seed + j).
+     per subset, each a resumable training of its own in <job>_s<seed>_sb<subsample>--lds-models/m<i>_s<j>/
+     (seed: the job's seed + j).
   2. Every query x (gpre's targets, the images the methods attributed) measured under every model with one
      fixed set of K (sigma, noise) pairs, the same for all queries and models:
          f(x; S_i) = - mean_k L(x; sigma_k, eps_k),   averaged over the S seeds of subset i.
@@ -13,6 +14,11 @@ The measured output is MINUS the loss (higher = x more likely under the model), 
 scores where a high tau(x, j) means "training on j makes x likely": a method that predicts which subsets fit
 x best scores LDS near 1, random scores near 0. `--shard i/n` trains and measures units k = i, i+n, ... of
 the M*S (subset, seed) units; `-1/n` only merges them (as for the attribution stage `a`).
+
+The subset models are shared by the runs of the job that differ only in their queries (num_attrib, topk_factor),
+each with its training key, and each query set's outputs are cached next to a model: an LDS grows to more subsets
+or seeds (the stage's extent, Stage.extent) or to more queries (a run with a larger num_attrib) without training
+any finished model again.
 """
 import shutil
 from pathlib import Path
@@ -24,18 +30,25 @@ import torch
 from mucs import config as C
 from mucs.errors import UserError
 from mucs.generate import SAMPLES
-from mucs.io import atomic_path, digest, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors
+from mucs.io import (atomic_path, digest, file_hash, load_tensor_metadata, load_tensors, read_json, save_tensors,
+                     write_json)
 from mucs.precision import numerics, scoring
 from mucs.stats import bootstrap
 from mucs.stages import MADE, SCORED, TRAINED, Stage, add, data_files, targets_of
 
 OUTPUTS = "lds-outputs.safetensors"  # the stage's output: measured f [M, S, Q], subsets [M, n], train_ids
-UNIT_OUTPUT = "lds-output.safetensors"  # one unit's f [Q], cached next to its model
+UNIT_OUTPUT = "lds-output.safetensors"  # a unit's f [Q] in the layout before models were shared (<run>--lds/m<i>_s<j>/)
+MODEL = "lds-model.json"  # a unit's finished model: its training key and the hash of its last weights
 TABLE, PER_QUERY = "lds.csv", "lds_per_query.csv"
 
 
 def folder(job):
     return C.run_dir(job.cfg, "lds")
+
+
+def models_folder(job):
+    c = job.cfg
+    return Path(c.paths.logs) / f"{c.job_name}_s{c.seed}_sb{c.subsample}--lds-models"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +96,34 @@ def units(cfg):
 
 
 def unit_dir(job, i, j):
-    return folder(job) / f"m{i}_s{j}"
+    return models_folder(job) / f"m{i}_s{j}"
+
+
+def unit_output(job, i, j, key):
+    """Unit (i, j)'s f [Q] of the query set `key`."""
+    return unit_dir(job, i, j) / f"lds-output-{key}.safetensors"
+
+
+def model_key(cfg, split):
+    """What a subset model is: the model and recipe settings, its seed, its training items and the precision it is
+    trained with (settings, not the device: a model trained on a GPU is measured on a CPU as it is)."""
+    return C.hash_settings(dict(C.sections(cfg, "model", "train", "seed", *MADE), ids=split.ids.tolist()))
+
+
+def adopt(job, i, j):
+    """A unit finished in the layout before models were shared (<run>--lds/m<i>_s<j>/, its output made from its last
+    weights) moves into the shared models folder instead of being trained again."""
+    old, new = folder(job) / f"m{i}_s{j}", unit_dir(job, i, j)
+    if new.exists() or not (old / UNIT_OUTPUT).exists() or not job.weights(old).exists():
+        return False
+    meta = load_tensor_metadata(old / UNIT_OUTPUT)
+    if meta.get("weights") != file_hash(job.weights(old)):
+        return False
+    new.parent.mkdir(parents=True, exist_ok=True)
+    old.rename(new)
+    (new / UNIT_OUTPUT).rename(new / f"lds-output-{meta.get('key')}.safetensors")  # its query set's measurement
+    print(f"[lds] unit m{i}_s{j}: its model moved from {old} to {new}")
+    return True
 
 
 def subsets(job):
@@ -128,26 +168,36 @@ def measure(job, D, x, y, noise=None):
 
 
 def run_unit(job, i, j, masks, x, y, key, noise):
-    """Train unit (i, j) (resuming), measure the queries under it; cached in its folder against `key`, its weights
-    and the numerics of the measurement (a unit measured under other numerics is measured again)."""
+    """Train unit (i, j) once (resuming), then measure the queries under it; the measurement is cached next to the
+    model against the query set `key`, the model's weights and the numerics of the measurement (a unit measured
+    under other numerics is measured again)."""
+    from mucs.lock import FolderLock
     from mucs.model import load_denoiser
     from mucs.train import STATE, train
 
     d = unit_dir(job, i, j)
-    path = d / UNIT_OUTPUT
-    with scoring(job.cfg):
-        now = numerics(job.device)
-    meta = load_tensor_metadata(path) if path.exists() and job.weights(d).exists() else {}
-    trained = bool(meta) and meta.get("weights") == file_hash(job.weights(d))
-    if trained and (meta.get("key"), meta.get("numerics")) == (key, now):
-        return
-    if not trained:
-        sub = job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
-        train(subset_cfg(job.cfg, j), sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
-    D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
-    save_tensors(path, dict(f=measure(job, D, x, y, noise).float()),
-                 metadata=dict(key=key, weights=file_hash(job.weights(d)), numerics=now))
-    (d / STATE).unlink(missing_ok=True)  # done: its 4x-weights resume state would fill a disk at 64 x 3 models
+    cfg, sub = subset_cfg(job.cfg, j), job.train_split.subset(torch.nonzero(masks[i]).squeeze(1))
+    last, trained_as = d / "model-last.safetensors", model_key(cfg, sub)
+    with FolderLock(d.parent, job.cfg.get("lock_wait", 0), what=f"LDS model m{i}_s{j}", name=f".lock-m{i}_s{j}"):
+        if adopt(job, i, j):
+            write_json(d / MODEL, dict(train=trained_as, last=file_hash(last)))
+        mark = read_json(d / MODEL) if (d / MODEL).exists() else None
+        if mark and mark["train"] != trained_as:
+            raise UserError(f"LDS model {d} was trained with other settings or items; pass the same settings, or "
+                            f"redo the LDS models with --what=lds --force")
+        if not (mark and last.exists() and mark["last"] == file_hash(last)):
+            train(cfg, sub, job.test_split, job.meta, d, job.device, desc=f"lds m{i}_s{j}")
+            write_json(d / MODEL, dict(train=trained_as, last=file_hash(last)))
+            (d / STATE).unlink(missing_ok=True)  # done: its 4x-weights resume state would fill a disk at 64 x 3 models
+        with scoring(job.cfg):
+            now = numerics(job.device)
+        path, weights = unit_output(job, i, j, key), file_hash(job.weights(d))
+        meta = load_tensor_metadata(path) if path.exists() else {}
+        if (meta.get("weights"), meta.get("numerics")) == (weights, now):
+            return
+        D = load_denoiser(job.cfg.model, job.meta, job.weights(d), job.device)
+        save_tensors(path, dict(f=measure(job, D, x, y, noise).float()),
+                     metadata=dict(key=key, weights=weights, numerics=now))
 
 
 def run(job, shard=(0, 1)):
@@ -173,7 +223,7 @@ def merge(job, masks, key, Q):
     f = torch.empty(M, S, Q)
     missing, made = [], {}
     for i, j in units(job.cfg):
-        path = unit_dir(job, i, j) / UNIT_OUTPUT
+        path = unit_output(job, i, j, key)
         t = load_tensors(path, what="LDS unit output") if path.exists() else None
         meta = load_tensor_metadata(path) if t is not None else {}
         if meta.get("key") != key:
@@ -183,11 +233,11 @@ def merge(job, masks, key, Q):
         made[f"m{i}_s{j}"] = meta.get("numerics")
     if missing:
         raise UserError(f"LDS units {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} are not measured "
-                        f"yet in {folder(job)}; run their shards first (--what=lds --shard i/n)")
+                        f"yet in {models_folder(job)}; run their shards first (--what=lds --shard i/n)")
     first = next(iter(made.values()))
     other = [u for u, m in made.items() if m != first]
     if other:
-        raise UserError(f"LDS units {', '.join(other[:8])} in {folder(job)} were measured under other numerics "
+        raise UserError(f"LDS units {', '.join(other[:8])} in {models_folder(job)} were measured under other numerics "
                         f"({'; '.join(C.differences(first, made[other[0]]))}); measurements of different numerics "
                         f"are not combined: rerun their shards on one kind of device")
     save_tensors(folder(job) / OUTPUTS, dict(f=f, subsets=masks.to(torch.uint8), train_ids=job.train_split.ids),
@@ -195,11 +245,13 @@ def merge(job, masks, key, Q):
 
 
 def clear(job, shard=(0, 1)):
-    """--force: forget this shard's units (their models and outputs); the merge step (-1/n) forgets nothing."""
+    """--force: forget this shard's units (their models and outputs, also those of the job's other runs); the merge
+    step (-1/n) forgets nothing."""
     if shard[0] == -1:
         return
     for i, j in units(job.cfg)[shard[0]::shard[1]]:
         shutil.rmtree(unit_dir(job, i, j), ignore_errors=True)
+        shutil.rmtree(folder(job) / f"m{i}_s{j}", ignore_errors=True)  # the layout before models were shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,4 +317,5 @@ def show(job):
 
 add(Stage("lds", run, (OUTPUTS,), lambda j: [(j.pre / SAMPLES, "gpre")] + data_files(j),
           TRAINED + ("lds", "use_last_ckpt") + MADE + SCORED, kind="lds", sharded=True, clear=clear,
-          units=lambda j: (len(units(j.cfg)), f"LDS trains {len(units(j.cfg))} models")))
+          units=lambda j: (len(units(j.cfg)), f"LDS trains {len(units(j.cfg))} models"),
+          extent=("lds.num_subsets", "lds.num_seeds")))

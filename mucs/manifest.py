@@ -6,6 +6,7 @@ stage refuses to resume progress made with other settings or inputs.
                                    version, seconds: written when the stage finishes
   <folder>/<stage>.progress.json   settings and input hashes of an unfinished attempt
 """
+import json
 import os
 import subprocess
 import time
@@ -62,10 +63,27 @@ def redo(name):
     return f"--what={','.join(ORDER[ORDER.index(name):] if name in ORDER else [name])} --force"
 
 
+def extended(stage, old, new):
+    """Settings `old` differ from `new` in the stage's extent keys alone (Stage.extent)."""
+    def without(s):
+        for key in stage.extent:
+            *parents, last = key.split(".")
+            d = s
+            for p in parents:
+                d = d.get(p, {})
+            d.pop(last, None)
+        return s
+    if not stage.extent or not isinstance(old, dict):
+        return False
+    old, new = (json.loads(json.dumps(s, sort_keys=True, default=str)) for s in (old, new))  # copies, as manifests hold them
+    return old != new and without(old) == without(new)
+
+
 def check_settings(job, stage, recorded, what, fix):
-    """Refuse `what` (outputs or progress of `stage`) if it was made with other settings than the current ones."""
+    """Refuse `what` (outputs or progress of `stage`) if it was made with other settings than the current ones (or
+    with settings that differ only in the stage's extent: it grows)."""
     now = settings_of(job.cfg, stage.depends)
-    if recorded.get("config") == C.hash_settings(now):
+    if recorded.get("config") == C.hash_settings(now) or extended(stage, recorded.get("settings"), now):
         return
     diff = C.differences(recorded["settings"], now) if "settings" in recorded else [f"{', '.join(stage.depends)}"]
     raise UserError(f"{what} was made with other settings ({'; '.join(diff)}); pass the same settings, or {fix}")
@@ -165,7 +183,11 @@ def start_progress(job, stage):
 
 
 def is_done(job, stage):
-    return manifest_path(job, stage).exists() and all((stage.folder(job) / o).exists() for o in stage.outputs)
+    """Finished, and not asked to grow (settings that differ from the manifest's in the stage's extent alone)."""
+    if not manifest_path(job, stage).exists() or not all((stage.folder(job) / o).exists() for o in stage.outputs):
+        return False
+    return not (stage.extent and extended(stage, read_json(manifest_path(job, stage)).get("settings"),
+                                          settings_of(job.cfg, stage.depends)))
 
 
 def write_manifest(job, stage, seconds, inputs=None):

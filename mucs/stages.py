@@ -45,6 +45,8 @@ class Stage:
     units: Callable = None  # job -> (number of units, what they are): shards beyond them have nothing to do
     prepare: Callable = None  # job -> None: work its shards share, done once before them (a job of its own on Slurm)
     shares_work: Callable = lambda job: False  # whether `prepare` has anything to do for this job
+    extent: tuple = ()  # dotted keys that set only how much it computes (e.g. LDS subsets): a finished stage whose
+    #                     settings differ in these alone runs again, keeping its finished parts (manifest.extended)
 
     def folder(self, job):
         return job.pre if self.kind == "pre" else job.post if self.kind == "post" else C.run_dir(job.cfg, self.kind)

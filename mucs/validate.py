@@ -193,6 +193,17 @@ ATTRIB = {  # per method, the keys of attrib.*
 }
 ATTRIB["das"] = dict(ATTRIB["dtrak"], residual=one_of("the residual", "released", "rms", "none"),
                      square=switch("a switch"), eval_batch=count("a batch"))
+ATTRIB["ekfac"] = ATTRIB["kfac"] = {
+    "strategy": one_of("kronfluence's curvature", "ekfac", "kfac", "diagonal", "identity"),
+    "measurement": one_of("the measurement", "loss", "elbo"), "num_draws": count("(sigma, noise) draws"),
+    "noise_seed": SEED, "empirical_fisher": switch("a switch"),
+    "damping": nonneg("the damping (null: kronfluence's heuristic)", null=True),
+    "query_rank": count("the rank of the query gradients", null=True), "batch": count("a batch")}
+ATTRIB["journey_trak"] = dict({k: v for k, v in ATTRIB["dtrak"].items() if k not in ("num_timesteps", "t_range")},
+                              steps=count("attributed sampler steps", null=True),
+                              anchor=one_of("where a step's output is taken", "x0_hat", "trajectory"),
+                              noises=count("noises per step"),
+                              aggregate=one_of("the aggregate over steps", "zscore", "rank", "mean"))
 LAUNCHER = {"a_shards": count("array tasks"), "lds_shards": count("array tasks"),
             "logo_shards": count("array tasks (0: one per group)", lo=0), "array_parallelism": count("tasks at once"),
             "max_num_timeout": count("requeues", lo=0), "timeout_min": count("minutes", null=True),

@@ -6,7 +6,9 @@
 
 In one run it measures: the fp32 matmul peak (best 2048^3 matmul); every stage of the digits job and of a
 CIFAR-sized configuration on synthetic data (pipeline.py subprocesses in a temporary logs folder: wall and CPU
-seconds, peak memory from os.wait4); MUCS seconds per target; the loss-evaluation throughput ((training item x
+seconds, peak memory from os.wait4); on the CIFAR-sized job the `a` stage of the --methods too (default ekfac and
+journey_trak), with what their logs say per target (ekfac: the factor fitting's and scoring's seconds and peak
+memory); MUCS seconds per target; the loss-evaluation throughput ((training item x
 noise) pairs per second) and its GFLOP/s (FLOPs per pair from FlopCounterMode) as a fraction of the peak; and the
 same attribution through a straightforward loop in the published code's style (see `straightforward_scores`),
 with the per-target speed-up and the Spearman correlation of the two score vectors.
@@ -15,6 +17,7 @@ The machine may be shared: every ratio is measured within this run with what is 
 repeated (the fraction of peak pairs each evaluation round with a peak measurement right before it), and
 medians are reported. Writes bench.json and bench.md to pointer_to/plots/bench/ (or --out).
 """
+import json
 import os
 import resource
 import shutil
@@ -34,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mucs.attrib.mucs import MUCS, LossEvaluator, item_noise_losses
 from mucs.cli import Parser, guard
-from mucs.config import REPO, compose, num_removal, pre_dir
+from mucs.config import REPO, compose, num_removal, post_dir, pre_dir
 from mucs.data import write_dataset
 from mucs.diffusion import per_sample_loss
 from mucs.errors import UserError
@@ -100,6 +103,18 @@ def run_stage(argv, log):
 def pipeline_stages(over, log):
     """Each of the five stages of one job (Hydra overrides `over`) as its own pipeline.py process."""
     return {st: run_stage([sys.executable, str(PIPELINE), f"--what={st}", *over], log) for st in ORDER}
+
+
+def method_stages(over, methods, log):
+    """The `a` stage of each method as its own pipeline.py process on the job `over` (tpre and gpre done): wall and
+    CPU seconds, peak memory, and the first target's row of the method's log."""
+    out = {}
+    for m in methods:
+        o = list(over) + [f"attrib={m}"]
+        out[m] = run_stage([sys.executable, str(PIPELINE), "--what=a", *o], log)
+        rows = (post_dir(compose(o)) / "attrib_log.jsonl").read_text().splitlines()
+        out[m]["log"] = json.loads(rows[0])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +363,12 @@ def table(res):
         lines += [f"## {name}: {r['train_items']} training items x {r['num_noises']} noises", "",
                   "| stage | wall s | CPU s | peak MB |", "|---|---|---|---|"]
         lines += [f"| {st} | {v['wall_s']} | {v['cpu_s']} | {v['peak_mb']} |" for st, v in r["stages"].items()]
+        lines += [f"| a ({m}) | {v['wall_s']} | {v['cpu_s']} | {v['peak_mb']} |" for m, v in r.get("methods", {}).items()]
+        for m, v in r.get("methods", {}).items():
+            g = v["log"]
+            lines += ["", f"{m} per target: {g['seconds']} s" + (
+                f"; factors ({g['strategy']}, {g['fit_pairs']:,} pairs) {g['fit_s']} s, peak {g['fit_peak_mb']} MB; "
+                f"scoring {g['score_s']} s per target, peak {g['score_peak_mb']} MB" if "fit_s" in g else "")]
         if "pre" in r:
             lines += ["", f"attribution below on the pre model of {r['pre']} (the full job), not on the stages above"]
         lines += ["", f"MUCS per target: {r['mucs_s_per_target']:.1f} s (L_orig once per job: {c['L_orig_s']} s, "
@@ -405,6 +426,8 @@ def main(argv):
     p.add_argument("--compile", action="store_true", help="also measure attrib.compile (eager vs compiled, interleaved)")
     p.add_argument("--cifar_width", type=int, default=256)
     p.add_argument("--cifar_eval_batch", default="auto")
+    p.add_argument("--methods", default="ekfac,journey_trak", help="methods whose `a` stage is timed on the "
+                   "CIFAR-sized job (comma-separated; empty: none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads here and in the stages (default: torch's own choice)")
     p.add_argument("--pre", type=Path, help="a finished pre run folder of the full digits job (tpre, gpre) to attribute "
@@ -418,6 +441,9 @@ def main(argv):
             raise UserError(f"--{key}={getattr(args, key)} is not allowed: it must be an integer >= 1")
     check_device(args.device, "--device")
     compose(digits_overrides(args, Path("/nonexistent"), args.quick))  # the job's settings, checked before any work
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        compose([f"attrib={m}"])  # an unknown method is refused before any work
     if args.threads:  # this process, and the stages through the environment they inherit
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -450,6 +476,10 @@ def main(argv):
             print("[bench] cifar-sized: stages ...", flush=True)
             over = cifar_overrides(args, root / "cifar")
             res["configs"]["cifar"] = r = dict(stages=pipeline_stages(over, root / "cifar.log"))
+            if methods:
+                print(f"[bench] cifar-sized: a of {', '.join(methods)} ...", flush=True)
+                job = [o for o in over if not o.startswith("attrib")]  # without MUCS's settings
+                r["methods"] = method_stages(job, methods, root / "cifar.log")
             print("[bench] cifar-sized: attribution ...", flush=True)
             r.update(attribution(over, args))
     res["paper_scale"] = paper_scale(res)

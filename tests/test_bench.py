@@ -119,3 +119,12 @@ def test_adaptive_comparison_and_its_projection(tiny_job):
     # 4 blocks of 100 noises (25 each), half the items on pass 2, a tenth on pass 3 (the last: 50 noises)
     p = bench.adaptive_projection(dict(items=10, blocks=4, targets=[dict(evaluated=[10, 5, 1])]), n=1000, M=100)
     assert p["passes"] == 1000 * 25 + 500 * 25 + 100 * 50 and p["ratio"] == round(100_000 / 42_500, 2)
+
+
+def test_method_stages_time_other_methods_and_read_their_logs(tiny_job, tmp_path):
+    over = [o for o in tiny_job[0] if not o.startswith("attrib")] + ["attrib.num_draws=2"]
+    res = bench.method_stages(over, ["ekfac"], tmp_path / "log")
+    r = res["ekfac"]
+    assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_mb"] > 100
+    assert r["log"]["fit_s"] > 0 and r["log"]["fit_peak_mb"] > 0 and r["log"]["score_s"] > 0
+    assert r["log"]["fit_pairs"] == 150 * 2  # the job's 150 items x the 2 draws asked for

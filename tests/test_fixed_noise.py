@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mucs.attrib.common import ladder_noise
+from mucs.attrib.ekfac import training_draws
+from mucs.attrib.journey_trak import noise as journey_noise
 from mucs.attrib.mucs import MUCS
 from mucs.config import compose
 from mucs.diffusion import SeedGenerators
@@ -44,6 +46,12 @@ def fixed_sets():
         cfg, ctx = context(method)
         a = cfg.attrib
         yield method, ladder_noise(ctx, a[count], a.t_range, a.noise_seed, SHAPE)[1]
+    cfg, ctx = context("ekfac")
+    yield "ekfac", training_draws(ctx.D, cfg.attrib.num_draws, cfg.attrib.noise_seed, SHAPE)[1]
+    cfg, ctx = context("journey_trak")
+    a = cfg.attrib
+    yield "journey_trak", torch.cat([journey_noise(a.noise_seed, s, k, a.noises, SHAPE)
+                                     for k in range(cfg.sample.num_steps) for s in (0, 1)])
     yield "lds", ladder_noise(ctx, cfg.lds.num_noises, cfg.lds.t_range, cfg.lds.noise_seed, SHAPE)[1]
     sc = cfg.groups.score
     yield "guda/logo", ladder_noise(ctx, sc.num_noises, sc.t_range, sc.noise_seed, SHAPE)[1]

@@ -111,6 +111,17 @@ CASES = [
       "redirect, ascent"),
     P("guda_epochs_zero", ["--attrib=guda", "attrib.epochs=0"], "attrib.epochs=0", ">= 1"),
     P("kernel_unknown_kernel", ["--attrib=kernel", "attrib.kernel=cosine"], "attrib.kernel='cosine'", "gaussian"),
+    P("ekfac_unknown_strategy", ["--attrib=ekfac", "attrib.strategy=exact"], "attrib.strategy='exact'",
+      "ekfac, kfac, diagonal, identity"),
+    P("ekfac_unknown_measurement", ["--attrib=ekfac", "attrib.measurement=kl"], "attrib.measurement='kl'", "loss, elbo"),
+    P("ekfac_damping_negative", ["--attrib=ekfac", "attrib.damping=-1"], "attrib.damping=-1", ">= 0 or null"),
+    P("kfac_draws_zero", ["--attrib=kfac", "attrib.num_draws=0"], "attrib.num_draws=0", ">= 1"),
+    P("journey_unknown_anchor", ["--attrib=journey_trak", "attrib.anchor=end"], "attrib.anchor='end'",
+      "x0_hat, trajectory"),
+    P("journey_unknown_aggregate", ["--attrib=journey_trak", "attrib.aggregate=max"], "attrib.aggregate='max'",
+      "zscore, rank, mean"),
+    P("journey_noises_zero", ["--attrib=journey_trak", "attrib.noises=0"], "attrib.noises=0", ">= 1"),
+    P("journey_steps_zero", ["--attrib=journey_trak", "attrib.steps=0"], "attrib.steps=0", ">= 1 or null"),
     P("ensemble_of_itself", ["--attrib=ensemble", "attrib.methods=[ensemble]"], "attrib.methods=['ensemble']",
       "other methods"),
     P("ensemble_weights_mismatch", ["--attrib=ensemble", "attrib.weights=[1.0]"], "attrib.weights=[1.0]",
@@ -143,6 +154,8 @@ CASES = [
     P("removal_unknown_method", ["--methods=random,nope"], "--methods 'random,nope'", "choose from", tool="removal"),
     P("bench_rounds_zero", ["--rounds=0"], "--rounds=0", ">= 1", tool="bench"),
     P("bench_bad_override", ["--parts=peak", "train.batch=0"], "train.batch=0", ">= 1", tool="bench"),
+    P("bench_unknown_method", ["--parts=peak", "--methods=ekfac,nope"], "unknown attrib 'nope'", "choose from",
+      tool="bench"),
 ]
 
 

@@ -78,20 +78,20 @@ def test_lds_stage_shards_merge_resume_and_table(tiny, capsys):
     logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
     assert run_pipeline(["--what=tpre,gpre,a", "--attrib=pixel"] + over) == 0
     assert run_pipeline(["--what=a", "--attrib=random"] + over) == 0
-    d = logs / f"{RUN}--lds"
+    d, models = logs / f"{RUN}--lds", logs / "digits_dit_edm_s1_sb0--lds-models"
     # shard 0/3 trains and measures unit m0_s0 only, and writes no manifest
     assert run_pipeline(["--what=lds", "--shard=0/3"] + over) == 0
-    assert (d / "m0_s0" / L.UNIT_OUTPUT).exists() and not (d / "m1_s0").exists()
-    assert not (d / "m0_s0" / "train-state.pt").exists()  # a measured unit keeps its weights, not its resume state
+    assert len(list((models / "m0_s0").glob("lds-output-*.safetensors"))) == 1 and not (models / "m1_s0").exists()
+    assert not (models / "m0_s0" / "train-state.pt").exists()  # a measured unit keeps its weights, not its resume state
     assert not (d / "lds.manifest.json").exists()
     # merging before the other shards ran names what is missing
     capsys.readouterr()
     assert run_pipeline(["--what=lds", "--shard=-1/3"] + over) == 2
     assert "m1_s0, m2_s0" in capsys.readouterr().err
     # the unsplit run resumes: unit 0 is not trained again
-    w0 = (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns
+    w0 = (models / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns
     assert run_pipeline(["--what=lds"] + over) == 0
-    assert (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == w0
+    assert (models / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == w0
     assert (d / "lds.manifest.json").exists()
     out = load_tensors(d / L.OUTPUTS)
     assert out["f"].shape == (3, 1, 3) and torch.isfinite(out["f"]).all()
@@ -101,7 +101,7 @@ def test_lds_stage_shards_merge_resume_and_table(tiny, capsys):
     from mucs.model import load_denoiser
     job = S.Job(C.compose(over))
     x, y = L.queries(job)
-    D = load_denoiser(job.cfg.model, job.meta, job.weights(d / "m2_s0"), "cpu")
+    D = load_denoiser(job.cfg.model, job.meta, job.weights(models / "m2_s0"), "cpu")
     assert torch.allclose(L.measure(job, D, x, y).float(), out["f"][2, 0])
     assert out["f"][0, 0].tolist() != out["f"][1, 0].tolist()  # other subsets, other models
     table = pd.read_csv(d / L.TABLE)
@@ -114,8 +114,70 @@ def test_lds_stage_shards_merge_resume_and_table(tiny, capsys):
     printed = capsys.readouterr().out
     assert "done already" in printed and "cond" in printed
     assert set(pd.read_csv(d / L.TABLE).method) == {"pixel", "random", "cond"}
-    assert (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == w0
+    assert (models / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == w0
     # other LDS settings are refused with the way out
     assert run_pipeline(["--what=lds"] + over + ["lds.num_noises=4"]) == 2
     err = capsys.readouterr().err
     assert "lds" in err and "other" in err and "--force" in err
+
+
+def test_lds_grows_in_subsets_seeds_and_queries_training_only_new_models(tiny, capsys):
+    """More subsets or seeds: the finished stage runs again and trains only the new models; more queries (a run
+    with a larger num_attrib): the same models measure the new run's targets, none is trained again."""
+    over = tiny + LDS[:1] + ["lds.num_seeds=1", "lds.steps=8", "lds.num_noises=4", "lds.bootstrap=50"]
+    logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
+    models = logs / "digits_dit_edm_s1_sb0--lds-models"
+    assert run_pipeline(["--what=tpre,gpre,a", "--attrib=pixel"] + over) == 0
+    assert run_pipeline(["--what=lds"] + over) == 0
+    stamp = lambda: {p.parent.name: p.stat().st_mtime_ns for p in models.glob("m*/model-last.safetensors")}  # noqa: E731
+    before = stamp()
+    assert sorted(before) == ["m0_s0", "m1_s0", "m2_s0"]
+    capsys.readouterr()
+    grown = [o for o in over if not o.startswith("lds.num_subsets")] + ["lds.num_subsets=4"]
+    assert run_pipeline(["--what=lds"] + grown) == 0
+    assert "done already" not in capsys.readouterr().out
+    after = stamp()
+    assert sorted(after) == ["m0_s0", "m1_s0", "m2_s0", "m3_s0"] and all(after[k] == v for k, v in before.items())
+    out = load_tensors(logs / f"{RUN}--lds" / L.OUTPUTS)
+    assert out["f"].shape == (4, 1, 3) and torch.equal(out["subsets"][:3].bool(), L.draw_subsets(1500, 0.5, 3, 0))
+    assert (pd.read_csv(logs / f"{RUN}--lds" / L.TABLE).subsets == 4).all()
+    # asked again at the grown size it is done; other settings than the extent are still refused
+    capsys.readouterr()
+    assert run_pipeline(["--what=lds"] + grown) == 0 and "done already" in capsys.readouterr().out
+    assert run_pipeline(["--what=lds"] + grown + ["lds.alpha=0.4"]) == 2
+    # more queries: a run with 4 targets measures them under the same 4 models, training none of them again
+    more = [o for o in grown if not o.startswith("num_attrib")] + ["num_attrib=4"]
+    assert run_pipeline(["--what=tpre,gpre,a", "--attrib=pixel"] + more) == 0
+    assert run_pipeline(["--what=lds"] + more) == 0
+    assert stamp() == after
+    out4 = load_tensors(logs / "digits_dit_edm_s1_k2.0_na4_sb0--lds" / L.OUTPUTS)
+    assert out4["f"].shape == (4, 1, 4) and (pd.read_csv(logs / "digits_dit_edm_s1_k2.0_na4_sb0--lds" / L.TABLE).queries == 4).all()
+
+
+def test_units_of_the_layout_before_shared_models_move_over_untrained_and_unmeasured(tiny):
+    """An LDS whose units sit in <run>--lds/m<i>_s<j>/ (the layout before the models were shared, their outputs
+    not named by query set, no training mark): grown by a subset, it moves them into the shared folder and neither
+    trains nor measures them again."""
+    over = tiny + ["lds.num_subsets=3", "lds.num_seeds=1", "lds.steps=8", "lds.num_noises=4", "lds.bootstrap=50"]
+    logs = Path([o for o in tiny if o.startswith("paths.logs=")][0].split("=", 1)[1])
+    models, d = logs / "digits_dit_edm_s1_sb0--lds-models", logs / f"{RUN}--lds"
+    assert run_pipeline(["--what=tpre,gpre,a", "--attrib=pixel"] + over) == 0
+    assert run_pipeline(["--what=lds"] + over) == 0
+    before = load_tensors(d / L.OUTPUTS)["f"]
+    for u in sorted(models.glob("m*_s*")):
+        [out] = u.glob("lds-output-*.safetensors")
+        out.rename(u / L.UNIT_OUTPUT)
+        (u / L.MODEL).unlink()
+        u.rename(d / u.name)
+    old = {u.name: [(u / f).stat().st_mtime_ns for f in ("model-last.safetensors", L.UNIT_OUTPUT)] for u in d.glob("m*_s*")}
+    assert sorted(old) == ["m0_s0", "m1_s0", "m2_s0"] and not list(models.glob("m*_s*"))
+    grown = [o for o in over if not o.startswith("lds.num_subsets")] + ["lds.num_subsets=4"]
+    assert run_pipeline(["--what=lds"] + grown) == 0
+    assert not list(d.glob("m*_s*"))
+    for name, (weights, output) in old.items():
+        [out] = (models / name).glob("lds-output-*.safetensors")
+        assert (models / name / "model-last.safetensors").stat().st_mtime_ns == weights, name  # not trained again
+        assert out.stat().st_mtime_ns == output, name  # nor measured again
+    after = load_tensors(d / L.OUTPUTS)["f"]
+    assert after.shape == (4, 1, 3) and torch.equal(after[:3], before)
+    assert (models / "m3_s0" / L.MODEL).exists()

@@ -130,16 +130,17 @@ def test_attribution_part_of_other_numerics_is_scored_again(logs, data_root, cap
 def test_lds_unit_of_other_numerics_is_measured_again(logs, data_root, capsys):
     cfg = over(data_root, logs, "lds.num_subsets=2", "lds.num_seeds=1", "lds.steps=8", "lds.num_noises=4")
     assert run_pipeline(["--what=lds"] + cfg) == 0
-    d = logs / f"{RUN}--lds"
+    d, m0 = logs / f"{RUN}--lds", logs / "digits_dit_edm_s1_sb0--lds-models" / "m0_s0"
     clean = load_file(str(d / "lds-outputs.safetensors"))["f"]
-    weights = (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns
-    pretend(d / "m0_s0" / "lds-output.safetensors", lambda v: v * 2, device="cuda")
+    weights = (m0 / "model-best.safetensors").stat().st_mtime_ns
+    [unit] = m0.glob("lds-output-*.safetensors")  # the one query set's measurement
+    pretend(unit, lambda v: v * 2, device="cuda")
     capsys.readouterr()
     assert run_pipeline(["--what=lds", "--shard=-1/2"] + cfg) == 0  # done: the merge is not redone
     assert run_pipeline(["--what=lds", "--force", "--shard=-1/2"] + cfg) == 2
     assert "measured under other numerics (device: cuda -> cpu)" in capsys.readouterr().err
     assert run_pipeline(["--what=lds", "--shard=0/2"] + cfg) == 0  # measures m0 again, without retraining it
-    assert (d / "m0_s0" / "model-best.safetensors").stat().st_mtime_ns == weights
+    assert (m0 / "model-best.safetensors").stat().st_mtime_ns == weights
     assert run_pipeline(["--what=lds", "--shard=-1/2"] + cfg) == 0
     assert torch.equal(load_file(str(d / "lds-outputs.safetensors"))["f"], clean)
 

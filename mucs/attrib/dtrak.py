@@ -46,12 +46,14 @@ class DTRAK(Method):
         key = dict(output=cfg.output, noise=digest(self.sigmas, self.E), params=self.names, proj=cfg.proj,
                    k=cfg.proj_dim, proj_seed=cfg.proj_seed)
         self.Phi = job_cache(ctx, f"{self.name}-features", key,
-                             lambda: self.features(self.X, self.labels, desc=f"{self.name} train features"))
+                             lambda: self.features(self.X, self.labels, self.sigmas, self.E, f"{self.name} train features"))
         self.M = trak_solver(self.Phi, float(cfg.lam)).float()
 
-    def features(self, X, labels, desc=None):
-        """phi(x) for every row of X: [n, k]."""
-        cfg, D, K = self.cfg, self.ctx.D, int(self.cfg.num_timesteps)
+    def features(self, X, labels, sigmas, E, desc=None):
+        """phi(x) for every row of X: [n, k], the gradient averaged over the K pairs (sigmas[k], E[k]); E [K, ...] is
+        the same for every row, or [n, K, ...] a row's own."""
+        cfg, D, K = self.cfg, self.ctx.D, len(sigmas)
+        own = E.dim() == X.dim() + 1
         per = max(1, int(cfg.grad_batch) // K)  # items per vmap call (K pairs each)
         out, bar = [], tqdm(total=len(X), desc=desc, disable=desc is None, leave=False)
         for i in range(0, len(X), int(cfg.proj_batch)):
@@ -61,8 +63,8 @@ class DTRAK(Method):
             for j in range(0, len(Xi), per):
                 x, b = Xi[j: j + per], len(Xi[j: j + per])
                 y = None if yi is None else yi[j: j + b].repeat_interleave(K, 0)
-                g = flat_grads(D, self.names, cfg.output, x.repeat_interleave(K, 0), self.sigmas.repeat(b),
-                               self.E.repeat(b, 1, 1, 1), y)
+                eps = E[i + j: i + j + b].flatten(0, 1) if own else E.repeat(b, 1, 1, 1)
+                g = flat_grads(D, self.names, cfg.output, x.repeat_interleave(K, 0), sigmas.repeat(b), eps, y)
                 G.append(g.view(b, K, -1).mean(1))
                 bar.update(b)
             out.append(project(torch.cat(G), cfg.proj_dim, cfg.proj, cfg.proj_seed).cpu())
@@ -71,5 +73,5 @@ class DTRAK(Method):
 
     def score(self, x, labels, index):
         dev = self.ctx.device
-        phi = self.features(x.to(dev), None if labels is None or self.labels is None else labels.to(dev))
+        phi = self.features(x.to(dev), None if labels is None or self.labels is None else labels.to(dev), self.sigmas, self.E)
         return phi @ self.M

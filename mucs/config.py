@@ -129,7 +129,7 @@ def section_hash(cfg, *keys):
 OTHER_NET = object()
 LATER = {"sample.sampler": "heun", "sample.scheduler": None, "tpost.mode": "retrain",
          "attrib.trainable.diffusers_unet": OTHER_NET, "attrib.trainable.diffusers_dit": OTHER_NET,
-         "attrib.adaptive": False, "attrib.adaptive_blocks": 4, "attrib.adaptive_alpha": 1e-3, "attrib.adaptive_keep": 2.0,
+         "attrib.adaptive": False, "attrib.adaptive_blocks": 8, "attrib.adaptive_alpha": 1e-3, "attrib.adaptive_keep": 2.0,
          "attrib.adaptive_prior_dof": 0, "precision.autocast": "none", "precision.tf32": True,
          "precision.score_tf32": False, "attrib.instance_weighting": "none"}
 

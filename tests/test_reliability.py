@@ -28,6 +28,7 @@ from mucs.lock import LOCK, FolderLock
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "digits_dit_edm_s1_k2.0_na4_sb300"
+MODELS = "digits_dit_edm_s1_sb300--lds-models"  # the LDS subset models, shared by the job's runs
 # slow enough to be killed mid-way, seconds in all: 32 training steps saved every 4 on 300 items, 12 candidates
 # sampled one per batch, 4 MUCS targets, 2 LDS models of 16 steps
 SLOW = [o for o in TINY if not o.startswith(("train.steps", "num_attrib"))] + [
@@ -40,7 +41,8 @@ OUTPUTS = {"tpre": ["model-best.safetensors", "model-last.safetensors", "train_l
            "a": ["attrib.safetensors", "attrib_log.jsonl"],
            "tpost": ["model-best.safetensors", "model-last.safetensors", "train_log.csv"],
            "gpost": ["samples.safetensors", "samples.png"],
-           "lds": ["lds-outputs.safetensors", "m0_s0/model-best.safetensors", "m1_s0/model-last.safetensors"]}
+           "lds": ["lds-outputs.safetensors", f"../{MODELS}/m0_s0/model-best.safetensors",
+                   f"../{MODELS}/m1_s0/model-last.safetensors"]}
 KILLS = {"tpre": 2, "gpre": 2, "a": 2, "tpost": 2, "gpost": 1, "lds": 2}  # at least 10 must land before the end
 
 
@@ -81,7 +83,8 @@ def progress(stage, folder):
         p = folder / "train-state.pt"
         return p.stat().st_mtime_ns if p.exists() else 0
     if stage == "lds":  # its models' training states and measured outputs
-        return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in folder.glob("m*/*") if p.suffix in (".pt", ".safetensors")))
+        return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in (folder.parent / MODELS).glob("m*/*")
+                            if p.suffix in (".pt", ".safetensors")))
     parts = folder / ("attrib-parts" if stage == "a" else f"{stage}-parts")
     return len(list(parts.glob("*.safetensors"))) if parts.exists() else 0
 

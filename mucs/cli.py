@@ -128,6 +128,9 @@ def pipeline_main(argv):
     args, overrides = pipeline_args(argv)
     names = R.parse_what(args.what)
     cfg = C.compose(overrides)
+    if "known" in names:
+        from mucs.validate import check_known_sizes
+        check_known_sizes(cfg)
     if cfg.launcher.name != "local" and not args.no_exec:  # before Job(): a login node may have no GPU
         if args.shard:
             raise UserError("--shard is what the jobs of a Slurm array run; with --launcher=slurm set "

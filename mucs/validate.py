@@ -304,14 +304,22 @@ def check_sizes(cfg, num_removal, num_gen):
             raise UserError(f"num_removal {num_removal} is not smaller than the training set ({n} items): the ids "
                             f"removed per target must be in [1, {n - 1}]; lower --topk_factor (num_removal = "
                             f"{cfg.data.num_removal_base} x topk_factor) or set num_removal")
-    known = cfg.get("known")
-    if known and n_train is not None and known.copies.num_items > (cfg.subsample or n_train):
-        raise UserError(f"known.copies.num_items={known.copies.num_items} is not allowed: the training items given "
-                        f"back must be at most the {cfg.subsample or n_train} training items; lower it")
-    if known and n_test is not None and not known.custom.images and known.custom.num_exemplars > n_test:
-        raise UserError(f"known.custom.num_exemplars={known.custom.num_exemplars} is not allowed: the exemplars are "
-                        f"held-out items, at most the {n_test} of the test split; lower it")
     if n_test is not None and num_gen > n_test:
         raise UserError(f"num_attrib={cfg.num_attrib} with control_factor={cfg.control_factor} asks for {num_gen} "
                         f"samples but the test split has {n_test} items (one seed each); lower --num_attrib or "
                         f"--control_factor")
+
+
+def check_known_sizes(cfg):
+    """The known-answer benchmark's sizes against the data, checked when --what names the known stage (a job whose
+    stages do not include it is not refused for them)."""
+    from mucs.data import split_sizes
+
+    sizes = split_sizes(cfg.data.folder, cfg.data.get("expect"))
+    n_train, n_test, known = sizes.get("train"), sizes.get("test"), cfg.known
+    if n_train is not None and known.copies.num_items > (cfg.subsample or n_train):
+        raise UserError(f"known.copies.num_items={known.copies.num_items} is not allowed: the training items given "
+                        f"back must be at most the {cfg.subsample or n_train} training items; lower it")
+    if n_test is not None and not known.custom.images and known.custom.num_exemplars > n_test:
+        raise UserError(f"known.custom.num_exemplars={known.custom.num_exemplars} is not allowed: the exemplars are "
+                        f"held-out items, at most the {n_test} of the test split; lower it")

@@ -14,7 +14,7 @@ pytest_plugins = ["slurm_cluster"]
 
 def pytest_collection_modifyitems(config, items):
     import torch
-    skip_gpu = pytest.mark.skip(reason="needs CUDA; this machine has no GPU")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; torch finds no GPU")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

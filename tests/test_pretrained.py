@@ -15,7 +15,7 @@ from mucs.errors import UserError
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    """An empty cache folder and private TORCH_HOME / HF_HOME, so nothing on this machine is found by accident."""
+    """An empty cache folder and private TORCH_HOME / HF_HOME, so no weights stored elsewhere are found by accident."""
     for k in ("MUCS_CACHE", "HF_HUB_CACHE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

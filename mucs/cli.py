@@ -213,6 +213,11 @@ def eval_args(argv):
     return p.parse_overrides(argv)
 
 
+def out_folder(base, fn_out, prefix, jobs):
+    """<paths.plots>/<fn_out>, by default named by the first run and how many were pooled."""
+    return Path(base.paths.plots) / (fn_out or f"{prefix}_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
+
+
 def eval_main(argv):
     from mucs.evaluation import evaluate, find_jobs, print_evaluation
     from mucs.metrics import resolve
@@ -225,8 +230,8 @@ def eval_main(argv):
         from mucs.known import known_eval
         methods = args.methods and parse_list(args.methods, "methods", C.options("attrib"))
         jobs = find_jobs(args.jobs, logs)
-        out = Path(base.paths.plots) / (args.fn_out or f"known_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
-        known_eval(jobs, logs, out, methods, not args.no_plots, int(base.known.bootstrap))
+        known_eval(jobs, logs, out_folder(base, args.fn_out, "known", jobs), methods, not args.no_plots,
+                   int(base.known.bootstrap))
         return 0
     methods = parse_list(args.methods or "random,pixel", "methods", C.options("attrib"))
     if "random" not in methods:
@@ -235,9 +240,8 @@ def eval_main(argv):
     resolve(args.metrics)  # an unknown metric is refused before the runs are looked up
     check_device(args.device, "--device")
     jobs = find_jobs(args.jobs, logs)
-    out = Path(base.paths.plots) / (args.fn_out or f"eval_{jobs[0]}" + (f"_x{len(jobs)}" if len(jobs) > 1 else ""))
-    res = evaluate(jobs, methods, logs, out, args.metrics, base.paths.cache, args.calc_ref, not args.no_plots,
-                   args.show_controls, args.device, args.allow_unequal)
+    res = evaluate(jobs, methods, logs, out_folder(base, args.fn_out, "eval", jobs), args.metrics, base.paths.cache,
+                   args.calc_ref, not args.no_plots, args.show_controls, args.device, args.allow_unequal)
     print_evaluation(res, args.pval, args.show_controls)
     return 0
 
